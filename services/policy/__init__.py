@@ -1,0 +1,1 @@
+"""The policy MLLM: generation logic (`runner`) and its Triton python-backend model repository."""

@@ -1,0 +1,138 @@
+"""Every policy replica follows the compacted `adapters` topic itself, so all replicas converge
+without anyone calling each of them (SPEC section 3).
+
+The follower reads the topic from the beginning with no consumer group (each replica needs the
+whole state, not a share of it). Start-up replays the compacted history into a state first and
+only then loads what aliases point at, so a replica does not load every version ever published.
+After catch-up, a `published` event preloads the new version (so the alias switch that follows is
+instant) and an `alias` event re-points an alias once its version is resident.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from kafka import KafkaConsumer, TopicPartition
+
+from services.common.kafka_io import KafkaSettings, UndecodableRecord, decode_record, ensure_topics
+from services.common.topics import adapters_topic
+from services.policy.adapters import AdapterNotFound, AdapterRegistry
+from spr.v1 import adapters_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterTopicState:
+    """What the compacted topic says: every published manifest and every alias."""
+
+    manifests: dict[str, adapters_pb2.AdapterManifest] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def apply(self, event: adapters_pb2.AdapterEvent) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "published":
+            self.manifests[event.published.version] = event.published
+        elif kind == "alias":
+            self.aliases[event.alias.alias] = event.alias.version
+
+
+class AdapterFollower:
+    """Background thread applying `adapters` topic events to an `AdapterRegistry`."""
+
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        kafka: KafkaSettings,
+        on_event: Callable[[adapters_pb2.AdapterEvent, float], None] | None = None,
+        poll_timeout_ms: int = 50,
+    ) -> None:
+        self.registry = registry
+        self.kafka = kafka
+        self.topic = adapters_topic()
+        self.state = AdapterTopicState()
+        self.on_event = on_event
+        self.poll_timeout_ms = poll_timeout_ms
+        self.consumer = KafkaConsumer(
+            **kafka.common_kwargs(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        self.caught_up = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="adapter-follower", daemon=True)
+
+    def start(self) -> AdapterFollower:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        self.consumer.close()
+
+    def _assign_all_partitions(self) -> dict[TopicPartition, int]:
+        partitions = self.consumer.partitions_for_topic(self.topic.name) or set()
+        assigned = [TopicPartition(self.topic.name, p) for p in sorted(partitions)]
+        self.consumer.assign(assigned)
+        self.consumer.seek_to_beginning(*assigned)
+        return dict(self.consumer.end_offsets(assigned)) if assigned else {}
+
+    def _run(self) -> None:
+        try:
+            ensure_topics(self.kafka, [self.topic])  # a replica may start before any trainer
+            end_offsets = self._assign_all_partitions()
+            self._catch_up(end_offsets)
+            self._apply_state()
+            self.caught_up.set()
+            while not self._stop.is_set():
+                for event in self._poll():
+                    self._apply_live(event)
+        except Exception:  # a follower that dies silently would freeze the replica on old adapters
+            log.exception("adapter follower stopped")
+            raise
+
+    def _poll(self) -> list[adapters_pb2.AdapterEvent]:
+        events = []
+        for records in self.consumer.poll(timeout_ms=self.poll_timeout_ms).values():
+            for record in records:
+                if record.value is None:  # tombstone: compaction removed the key
+                    continue
+                decoded = decode_record(self.topic, record)
+                if isinstance(decoded, UndecodableRecord):
+                    log.error("skipping adapters record %s:%s: %s", record.partition, record.offset, decoded.reason)
+                    continue
+                events.append(decoded.message)
+        return events
+
+    def _catch_up(self, end_offsets: dict[TopicPartition, int]) -> None:
+        while not self._stop.is_set() and any(
+            self.consumer.position(tp) < end for tp, end in end_offsets.items()
+        ):
+            for event in self._poll():
+                self.state.apply(event)
+
+    def _apply_state(self) -> None:
+        for alias, version in self.state.aliases.items():
+            self._set_alias(alias, version)
+
+    def _apply_live(self, event: adapters_pb2.AdapterEvent) -> None:
+        self.state.apply(event)
+        seconds = 0.0
+        kind = event.WhichOneof("event")
+        try:
+            if kind == "published":
+                seconds = self.registry.load(event.published.version)
+            elif kind == "alias":
+                self._set_alias(event.alias.alias, event.alias.version)
+        except AdapterNotFound as exc:
+            log.error("cannot load adapter: %s", exc)
+        if self.on_event is not None:
+            self.on_event(event, seconds)
+
+    def _set_alias(self, alias: str, version: str) -> None:
+        try:
+            self.registry.set_alias(alias, version)
+        except AdapterNotFound as exc:
+            # Keep serving the previous version of the alias rather than failing requests.
+            log.error("alias %s -> %s not applied: %s", alias, version, exc)

@@ -1,0 +1,5 @@
+"""The demo world: procedurally generated grounded images in COCO format."""
+
+from services.world.scenes import SceneConfig, generate_world
+
+__all__ = ["SceneConfig", "generate_world"]

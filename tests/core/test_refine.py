@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from services.core import (
+    Box,
+    CoordinateFormat,
+    Mention,
+    RefineResult,
+    boxes_to_array,
+    greedy_match,
+    localization_score,
+    mentions_to_image,
+    parse,
+    refine,
+    refine_candidates,
+    render,
+)
+
+from .strategies import FAST, THOROUGH, boxes_in, frame_sizes, grid_boxes, phrases
+
+F = CoordinateFormat
+
+
+def image_boxes(
+    text: str, fmt: CoordinateFormat, frame_w: float, frame_h: float, crop: Box | None
+) -> np.ndarray:
+    mentions = mentions_to_image(parse(text, fmt, frame_w, frame_h).mentions, crop, frame_w, frame_h)
+    return boxes_to_array(m.box for m in mentions if m.box is not None)
+
+
+def test_greedy_match_is_one_to_one_highest_first_and_strict() -> None:
+    ious = np.array([[0.9, 0.8, 0.0], [0.85, 0.6, 0.5], [0.0, 0.0, 0.51]])
+    assert greedy_match(ious, 0.5) == [(0, 0), (1, 1), (2, 2)]
+    assert greedy_match(np.array([[0.5]]), 0.5) == []
+    assert greedy_match(np.zeros((0, 3)), 0.5) == []
+
+
+def test_refine_replaces_only_near_boxes_and_keeps_the_text() -> None:
+    text = "A dog [100, 100, 300, 300] chases a cat [600, 600, 700, 700] near a tree [0, 0, 50, 900]."
+    mentions = parse(text, F.BRACKET_999, 999, 999).mentions
+    gt = [[110, 100, 310, 300], [0, 0, 999, 999], [640, 640, 740, 740]]
+    result = refine(text, mentions, gt, F.BRACKET_999, 999, 999)
+    # The dog (IoU 0.82) and the cat (IoU 0.47 -> kept) vs GT; the tree matches nothing above 0.5.
+    assert (
+        result.text
+        == "A dog [110, 100, 310, 300] chases a cat [600, 600, 700, 700] near a tree [0, 0, 50, 900]."
+    )
+    assert result.replaced_count == 1
+    assert result.mentions == parse(result.text, F.BRACKET_999, 999, 999).mentions
+
+
+def test_refine_writes_the_gt_box_in_the_crop_frame_the_model_saw() -> None:
+    crop = Box(100, 100, 300, 200)  # shown to the model as a 400 x 200 image
+    text = '```json\n[{"bbox_2d": [0, 0, 200, 200], "label": "dog"}]\n```'
+    mentions = parse(text, F.QWEN25_JSON, 400, 200).mentions
+    gt = [[100, 100, 210, 200], [150, 150, 900, 900]]  # the second lies mostly outside the crop
+    result = refine(text, mentions, gt, F.QWEN25_JSON, 400, 200, crop=crop)
+    assert result.text == '```json\n[{"bbox_2d": [0, 0, 220, 200], "label": "dog"}]\n```'
+    assert result.mentions == [Mention("dog", Box(0, 0, 220, 200), (21, 37))]
+
+
+def test_refine_clips_a_gt_box_that_leaves_the_crop() -> None:
+    crop = Box(100, 100, 200, 200)
+    text = "<|object_ref_start|>dog<|object_ref_end|><|box_start|>(0,0),(1000,900)<|box_end|> runs."
+    mentions = parse(text, F.QWEN2_TOKENS, 100, 100).mentions
+    result = refine(text, mentions, [[90, 100, 200, 200]], F.QWEN2_TOKENS, 100, 100, crop=crop)
+    assert (
+        result.text
+        == "<|object_ref_start|>dog<|object_ref_end|><|box_start|>(0,0),(1000,1000)<|box_end|> runs."
+    )
+
+
+def test_refine_rewrites_shikra_multi_boxes_in_place() -> None:
+    text = "Two cats [0.1,0.1,0.3,0.3;0.6,0.6,0.9,0.9] sleep."
+    mentions = parse(text, F.BRACKET_FLOAT, 100, 100).mentions
+    result = refine(text, mentions, [[60, 60, 95, 95]], F.BRACKET_FLOAT, 100, 100)
+    assert result.text == "Two cats [0.1,0.1,0.3,0.3;0.600, 0.600, 0.950, 0.950] sleep."
+    assert result.mentions == parse(result.text, F.BRACKET_FLOAT, 100, 100).mentions
+
+
+@pytest.mark.parametrize("gt", [[], [[500, 500, 600, 600]]])
+def test_refine_without_matches_returns_the_input(gt: list[list[int]]) -> None:
+    text = "A dog [1, 1, 100, 100]."
+    mentions = parse(text, F.BRACKET_999, 999, 999).mentions
+    assert refine(text, mentions, gt, F.BRACKET_999, 999, 999) == RefineResult(text, mentions, 0)
+
+
+@FAST
+@given(st.data(), st.sampled_from(list(F)), frame_sizes, frame_sizes)
+def test_refined_mentions_are_what_parsing_the_refined_text_gives(
+    data: st.DataObject, fmt: CoordinateFormat, frame_w: int, frame_h: int
+) -> None:
+    crop = data.draw(st.none() | boxes_in(2000, 1500, min_side=8.0))
+    image_w, image_h = (frame_w, frame_h) if crop is None else (2000, 1500)
+    side = min(frame_w, frame_h) / 8
+    boxes = data.draw(st.lists(boxes_in(frame_w, frame_h, min_side=side), min_size=1, max_size=8))
+    mentions = [Mention(data.draw(phrases), box) for box in boxes]
+    text = "Look: " + render(mentions, fmt, frame_w, frame_h) + " Done."
+    parsed = parse(text, fmt, frame_w, frame_h).mentions
+    in_image = image_boxes(text, fmt, frame_w, frame_h, crop)
+    # GT: copies of the model's boxes with every side moved by up to 20 % (some match, some do not),
+    # plus unrelated boxes.
+    jitter = data.draw(st.lists(st.floats(-0.2, 0.2), min_size=in_image.size, max_size=in_image.size))
+    sides = np.tile(in_image[:, 2:] - in_image[:, :2], 2)
+    unrelated = boxes_to_array(data.draw(st.lists(boxes_in(image_w, image_h), max_size=4)))
+    gt = np.vstack([in_image + np.reshape(jitter, (-1, 4)) * sides, unrelated])
+
+    result = refine(text, parsed, gt, fmt, frame_w, frame_h, crop=crop)
+    reparsed = parse(result.text, fmt, frame_w, frame_h)
+    assert result.mentions == reparsed.mentions and reparsed.warnings == []
+    # A box already on its GT box counts as replaced, with the same box.
+    changed = sum(a.box != b.box for a, b in zip(result.mentions, parsed, strict=True))
+    assert changed <= result.replaced_count <= min(len(in_image), len(gt))
+
+
+@FAST
+@given(st.data(), st.sampled_from(list(F)))
+def test_refining_a_region_at_once_equals_one_candidate_at_a_time(
+    data: st.DataObject, fmt: CoordinateFormat
+) -> None:
+    crop = Box(100, 50, 500, 350)
+    gt = boxes_to_array(data.draw(st.lists(boxes_in(600, 400, min_side=5.0), max_size=6)))
+    candidates = []
+    for _ in range(data.draw(st.integers(0, 4))):
+        boxes = data.draw(st.lists(boxes_in(800, 600, min_side=10.0), max_size=6))
+        text = render([Mention("object", b) for b in boxes], fmt, 800, 600)
+        candidates.append((text, parse(text, fmt, 800, 600).mentions))
+    # Make matches likely: put a copy of each GT box, seen through the crop, into the last candidate.
+    if candidates:
+        seen = [Box((g[0] - 100) * 2, (g[1] - 50) * 2, (g[2] - 100) * 2, (g[3] - 50) * 2) for g in gt]
+        text = render(
+            [Mention("copy", b.clip(800, 600)) for b in seen if b.clip(800, 600).area > 0], fmt, 800, 600
+        )
+        candidates[-1] = (text, parse(text, fmt, 800, 600).mentions)
+    together = refine_candidates(candidates, gt, fmt, 800, 600, crop=crop)
+    assert together == [refine(t, m, gt, fmt, 800, 600, crop=crop) for t, m in candidates]
+
+
+# Frames on which integer pixel boxes are exactly representable, so quantization loses nothing.
+EXACT_FRAME = {F.QWEN25_JSON: 640, F.QWEN2_TOKENS: 1000, F.BRACKET_999: 999, F.BRACKET_FLOAT: 1000}
+
+
+@st.composite
+def disjoint_gt_and_predictions(draw: st.DrawFn, size: int) -> tuple[list[Box], list[Box]]:
+    """GT boxes in distinct cells of a 4 x 4 grid (so no two overlap) and predictions near some."""
+    cell = size // 4
+    cells = draw(st.lists(st.integers(0, 15), min_size=1, max_size=8, unique=True))
+    gt = []
+    for c in cells:
+        b = draw(grid_boxes(cell, cell))
+        ox, oy = (c % 4) * cell, (c // 4) * cell
+        gt.append(Box(b.x1 + ox, b.y1 + oy, b.x2 + ox, b.y2 + oy))
+    predictions = []
+    for g in draw(st.lists(st.sampled_from(gt), max_size=10)):
+        dx1, dy1, dx2, dy2 = (draw(st.integers(-cell // 3, cell // 3)) for _ in range(4))
+        x1, x2 = sorted((g.x1 + dx1, g.x2 + dx2))
+        y1, y2 = sorted((g.y1 + dy1, g.y2 + dy2))
+        assume(x1 < x2 and y1 < y2)
+        predictions.append(Box(x1, y1, x2, y2).clip(size, size))
+    predictions += draw(st.lists(grid_boxes(size, size), max_size=3))
+    assume(all(p.area > 0 for p in predictions))
+    return gt, predictions
+
+
+@THOROUGH
+@given(st.data(), st.sampled_from(list(F)))
+def test_refinement_never_lowers_s_loc_when_gt_boxes_do_not_overlap(
+    data: st.DataObject, fmt: CoordinateFormat
+) -> None:
+    size = EXACT_FRAME[fmt]
+    gt, predictions = data.draw(disjoint_gt_and_predictions(size))
+    text = render([Mention("object", p) for p in predictions], fmt, size, size)
+    gt_array = boxes_to_array(gt)
+    before = localization_score(gt_array, image_boxes(text, fmt, size, size, None))
+    result = refine(text, parse(text, fmt, size, size).mentions, gt_array, fmt, size, size)
+    after = localization_score(gt_array, image_boxes(result.text, fmt, size, size, None))
+    assert after.s_loc >= before.s_loc - 1e-12
+    # Every GT box that got a replacement is now found exactly.
+    assert np.count_nonzero(after.best_iou_per_gt >= 1.0 - 1e-9) >= result.replaced_count
+
+
+def test_refinement_can_lower_s_loc_when_gt_boxes_overlap() -> None:
+    """A limit of the SPEC's rule, kept visible: one loose box over three overlapping GT boxes
+    (IoU 0.51 with each) is snapped to one of them, and the other two lose more than it gains."""
+    gt = [[0, 0, 100, 51], [0, 0, 51, 100], [0, 49, 100, 100]]
+    text = "A pile of boxes [0, 0, 100, 100]."
+    result = refine(text, parse(text, F.BRACKET_999, 999, 999).mentions, gt, F.BRACKET_999, 999, 999)
+    assert result.text == "A pile of boxes [0, 0, 100, 51]."
+    before = localization_score(gt, [[0, 0, 100, 100]]).s_loc
+    after = localization_score(gt, image_boxes(result.text, F.BRACKET_999, 999, 999, None)).s_loc
+    assert before == pytest.approx(0.51) and after < before
