@@ -16,11 +16,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+with warnings.catch_warnings():
+    # kafka-python 3.0 loads its protocol schemas with deprecated importlib.resources calls (~200
+    # DeprecationWarnings at import); they say nothing about this project.
+    warnings.filterwarnings("ignore", r"(read|open)_text is deprecated", DeprecationWarning)
+    import kafka  # noqa: F401
 
 from services.devstack.broker import BrokerImpl, BrokerProcess
 from services.devstack.process import log_tail
@@ -31,12 +38,6 @@ _LIVE_LOGS: dict[str, Any] = {}
 
 TritonFactory = Callable[..., TritonServer]
 BrokerFactory = Callable[..., BrokerProcess]
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """kafka-python 3.0 reads its protocol schemas with deprecated importlib.resources calls."""
-    for message in ("read_text is deprecated", "open_text is deprecated"):
-        config.addinivalue_line("filterwarnings", f"ignore:{message}:DeprecationWarning")
 
 
 def _track(name: str, process: BrokerProcess | TritonServer) -> None:

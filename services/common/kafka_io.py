@@ -152,6 +152,7 @@ class ProtoProducer:
     def __init__(self, settings: KafkaSettings, **overrides: Any) -> None:
         """Connect (bootstraps at once: fails fast if no broker answers)."""
         self._producer = KafkaProducer(**{**settings.producer_kwargs(), **overrides})
+        self._tracked: set[str] = set()
 
     def send(self, topic: Topic[M], key: str, message: M, *, extra_headers: Headers | None = None) -> Any:
         """Queue ``message`` on ``topic``; returns kafka-python's future of the record metadata.
@@ -163,10 +164,28 @@ class ProtoProducer:
                 f"topic {topic.name} carries {topic.message_type.DESCRIPTOR.full_name}, "
                 f"got {type(message).DESCRIPTOR.full_name}"
             )
+        self._track(topic.name)
         headers: Headers = [(SCHEMA_HEADER, topic.schema.encode("ascii")), *(extra_headers or [])]
         return self._producer.send(
             topic.name, key=key.encode("utf-8"), value=message.SerializeToString(), headers=headers
         )
+
+    def _track(self, name: str) -> None:
+        """Make the client keep metadata for ``name`` from the first send on.
+
+        kafka-python (3.0.12) only tracks a topic whose partitions it did not know at send time. If
+        its bootstrap Metadata answer already listed the topic, the topic stays untracked, and the
+        next metadata refresh for the tracked topics drops its partitions: queued records then wait
+        for "unknown leaders" until the delivery timeout. Apache Kafka answers the bootstrap request
+        (an empty topic list) with no topics, but brokers that answer it with every topic (both
+        local emulators do) trigger it. Registering each topic up front is harmless everywhere.
+        """
+        if name in self._tracked:
+            return
+        sender = getattr(self._producer, "_sender", None)
+        if sender is not None and hasattr(sender, "add_topic"):
+            sender.add_topic(name)  # the client's own thread-safe registration
+        self._tracked.add(name)
 
     def send_and_wait(self, topic: Topic[M], key: str, message: M, timeout: float = 30.0) -> Any:
         """Send one record and block until the broker acknowledged it; returns its metadata."""

@@ -26,6 +26,9 @@ from peft import PeftModel
 from services.adapters.store import AdapterStore, AdapterStoreError
 
 BASE = ""
+# Until the trainer publishes, the standard aliases mean the base model: a fresh deployment serves
+# requests for "latest" instead of failing them.
+DEFAULT_ALIASES = {"latest": BASE, "stable": BASE}
 
 
 class AdapterNotFound(LookupError):
@@ -47,7 +50,7 @@ class AdapterRegistry:
         self.store = store
         self.base_model_id = base_model_id
         self.max_resident = max_resident
-        self.aliases: dict[str, str] = {}
+        self.aliases: dict[str, str] = dict(DEFAULT_ALIASES)
         self.resident: OrderedDict[str, AdapterStats] = OrderedDict()
         self.lock = threading.RLock()
 

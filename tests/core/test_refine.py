@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from services.core import (
     Box,
     CoordinateFormat,
+    FloatArray,
     Mention,
     RefineResult,
     boxes_to_array,
@@ -20,14 +21,14 @@ from services.core import (
     render,
 )
 
-from .strategies import FAST, THOROUGH, boxes_in, frame_sizes, grid_boxes, phrases
+from .strategies import FAST, THOROUGH, boxes_in, frame_sizes, grid_boxes, one_bin, phrases
 
 F = CoordinateFormat
 
 
 def image_boxes(
     text: str, fmt: CoordinateFormat, frame_w: float, frame_h: float, crop: Box | None
-) -> np.ndarray:
+) -> FloatArray:
     mentions = mentions_to_image(parse(text, fmt, frame_w, frame_h).mentions, crop, frame_w, frame_h)
     return boxes_to_array(m.box for m in mentions if m.box is not None)
 
@@ -96,7 +97,8 @@ def test_refined_mentions_are_what_parsing_the_refined_text_gives(
 ) -> None:
     crop = data.draw(st.none() | boxes_in(2000, 1500, min_side=8.0))
     image_w, image_h = (frame_w, frame_h) if crop is None else (2000, 1500)
-    side = min(frame_w, frame_h) / 8
+    # Sides of at least two grid steps on both axes, so that no box vanishes when rendered.
+    side = max(min(frame_w, frame_h) / 8, 2 * one_bin(fmt, max(frame_w, frame_h)))
     boxes = data.draw(st.lists(boxes_in(frame_w, frame_h, min_side=side), min_size=1, max_size=8))
     mentions = [Mention(data.draw(phrases), box) for box in boxes]
     text = "Look: " + render(mentions, fmt, frame_w, frame_h) + " Done."

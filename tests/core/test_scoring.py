@@ -6,7 +6,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pycocotools import mask as coco_mask
 
-from services.core import Box, boxes_to_array, iou_matrix, localization_score, localization_scores, reward
+from services.core import (
+    Box,
+    FloatArray,
+    boxes_to_array,
+    iou_matrix,
+    localization_score,
+    localization_scores,
+    reward,
+)
 
 from .strategies import FAST, THOROUGH, boxes_in
 
@@ -30,7 +38,7 @@ def test_iou_shapes_and_degenerate_boxes() -> None:
 
 @THOROUGH
 @given(image_boxes, image_boxes)
-def test_iou_is_symmetric_and_bounded(a: np.ndarray, b: np.ndarray) -> None:
+def test_iou_is_symmetric_and_bounded(a: FloatArray, b: FloatArray) -> None:
     ious = iou_matrix(a, b)
     assert ious.shape == (len(a), len(b)) and ious.dtype == np.float64
     assert np.all((ious >= 0.0) & (ious <= 1.0))
@@ -39,17 +47,17 @@ def test_iou_is_symmetric_and_bounded(a: np.ndarray, b: np.ndarray) -> None:
 
 @FAST
 @given(positive_boxes)
-def test_iou_of_a_box_with_itself_is_one(a: np.ndarray) -> None:
+def test_iou_of_a_box_with_itself_is_one(a: FloatArray) -> None:
     np.testing.assert_allclose(np.diag(iou_matrix(a, a)), 1.0, rtol=0, atol=1e-12)
 
 
-def _xywh(boxes: np.ndarray) -> np.ndarray:
+def _xywh(boxes: FloatArray) -> FloatArray:
     return np.column_stack([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]])
 
 
 @THOROUGH
 @given(positive_boxes, positive_boxes)
-def test_iou_agrees_with_pycocotools(a: np.ndarray, b: np.ndarray) -> None:
+def test_iou_agrees_with_pycocotools(a: FloatArray, b: FloatArray) -> None:
     expected = coco_mask.iou(_xywh(a), _xywh(b), np.zeros(len(b), dtype=np.uint8))
     np.testing.assert_allclose(iou_matrix(a, b), expected, rtol=0, atol=1e-9)
 
@@ -85,7 +93,7 @@ def test_localization_score_floor_and_precision_options() -> None:
     st.sampled_from([0.0, 0.3, 1.0]),
 )
 def test_s_loc_is_bounded_and_never_drops_when_an_exact_gt_box_is_added(
-    gt: np.ndarray, pred: np.ndarray, data: st.DataObject, floor: float | None, weight: float
+    gt: FloatArray, pred: FloatArray, data: st.DataObject, floor: float | None, weight: float
 ) -> None:
     before = localization_score(gt, pred, iou_floor=floor, precision_weight=weight)
     assert 0.0 <= before.s_loc <= 1.0
@@ -106,7 +114,7 @@ def test_boxes_to_array_feeds_scoring() -> None:
     assert localization_score(gt, boxes_to_array([Box(0, 0, 10, 10)])).s_loc == 1.0
 
 
-def reference_s_loc(gt: np.ndarray, pred: np.ndarray, floor: float | None, weight: float) -> float:
+def reference_s_loc(gt: FloatArray, pred: FloatArray, floor: float | None, weight: float) -> float:
     """The SPEC formula, one candidate at a time, straight from the IoU matrix."""
     if len(gt) == 0 or len(pred) == 0:
         return 0.0
@@ -126,7 +134,7 @@ def reference_s_loc(gt: np.ndarray, pred: np.ndarray, floor: float | None, weigh
     st.sampled_from([0.0, 0.25]),
 )
 def test_batched_scores_equal_one_candidate_at_a_time(
-    gt: np.ndarray, preds: list[np.ndarray], floor: float | None, weight: float
+    gt: FloatArray, preds: list[FloatArray], floor: float | None, weight: float
 ) -> None:
     batch = localization_scores(gt, preds, iou_floor=floor, precision_weight=weight)
     assert len(batch) == len(preds)

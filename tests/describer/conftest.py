@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
+from services.devstack.triton import TritonServer
 from services.modelzoo.tiny import ensure_model
+
+POLICY_REPO = Path(__file__).resolve().parents[2] / "services" / "policy" / "model_repository"
 
 
 @pytest.fixture(autouse=True)
@@ -32,3 +36,17 @@ def scene_png(width: int = 200, height: int = 150) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def triton(triton_server: Callable[..., TritonServer], tiny_qwen25: Path) -> Iterator[TritonServer]:
+    """The describer tests' own tritonserver with spr_policy on the tiny Qwen2.5-VL.
+
+    Private (``fresh``) because the outage test stops and restarts it. The model finds its weights
+    through ``SPR_POLICY_MODEL_PATH`` in the server's environment, copied from ours at each start
+    (so a restart must set it again).
+    """
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SPR_POLICY_MODEL_PATH", str(tiny_qwen25))
+        server = triton_server(POLICY_REPO, models=["spr_policy"], fresh=True)
+    yield server

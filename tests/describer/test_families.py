@@ -32,10 +32,15 @@ FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCh
 
 def half_bin(fmt: CoordinateFormat, frame_size: int, crop_size: float) -> float:
     """Largest error (image pixels) of one coordinate after rounding to the format's grid."""
-    frame_step = 1.0 if fmt is CoordinateFormat.QWEN25_JSON else frame_size / {
-        CoordinateFormat.QWEN2_TOKENS: 1000,
-        CoordinateFormat.BRACKET_999: 999,
-    }[fmt]
+    frame_step = (
+        1.0
+        if fmt is CoordinateFormat.QWEN25_JSON
+        else frame_size
+        / {
+            CoordinateFormat.QWEN2_TOKENS: 1000,
+            CoordinateFormat.BRACKET_999: 999,
+        }[fmt]
+    )
     return 0.5 * frame_step * crop_size / frame_size + 1e-6
 
 
@@ -181,7 +186,9 @@ def test_boxes_round_trip_through_the_family_format(
         return
     frame_w, frame_h = family.frame_size(int(shown.width), int(shown.height))
     fmt = family.coordinate_format
-    in_frame = [Mention(f"thing {i}", image_to_frame(b, shown, frame_w, frame_h)) for i, b in enumerate(boxes)]
+    in_frame = [
+        Mention(f"thing {i}", image_to_frame(b, shown, frame_w, frame_h)) for i, b in enumerate(boxes)
+    ]
     text = render(in_frame, fmt, frame_w, frame_h)
     parsed = parse(text, fmt, frame_w, frame_h)
     back = mentions_to_image(parsed.mentions, shown, frame_w, frame_h)
@@ -190,6 +197,7 @@ def test_boxes_round_trip_through_the_family_format(
     assert len(got) + len(parsed.warnings) >= len(boxes)
     tol_x = half_bin(fmt, frame_w, shown.width)
     tol_y = half_bin(fmt, frame_h, shown.height)
+    assert set(got) <= {f"thing {i}" for i in range(len(boxes))}
     for i, box in enumerate(boxes):
         if f"thing {i}" in got:
             assert _close(box, got[f"thing {i}"], tol_x, tol_y), (box, got[f"thing {i}"])
