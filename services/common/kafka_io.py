@@ -67,7 +67,9 @@ class KafkaSettings:
     def common_kwargs(self) -> dict[str, Any]:
         """Keyword arguments every kafka-python client accepts."""
         kwargs: dict[str, Any] = {
-            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "bootstrap_servers": [
+                server.strip() for server in self.bootstrap_servers.split(",") if server.strip()
+            ],
             "client_id": self.client_id,
             "request_timeout_ms": self.request_timeout_ms,
         }
@@ -324,6 +326,8 @@ class ProtoConsumer(Generic[M]):
         go to the partitions' new owners, which is the at-least-once contract. Other errors raise.
         """
         offsets = None if records is None else _next_offsets(records)
+        if offsets == {}:
+            return True  # nothing processed, nothing to commit
         try:
             self._consumer.commit(offsets=offsets)
         except (CommitFailedError, RebalanceInProgressError) as exc:

@@ -37,7 +37,9 @@ def stream_topics(partitions: int = 3, retention_ms: int = 7 * 24 * 3600 * 1000)
     declared: list[Topic] = [  # type: ignore[type-arg]
         Topic(REGIONS, common_pb2.Region, partitions=partitions, config=retention),
         Topic(DESCRIPTIONS, describer_pb2.DescriptionRecord, partitions=partitions, config=retention),
-        Topic(SCORES_LOCALIZATION, scoring_pb2.LocalizationScoreRecord, partitions=partitions, config=retention),
+        Topic(
+            SCORES_LOCALIZATION, scoring_pb2.LocalizationScoreRecord, partitions=partitions, config=retention
+        ),
         Topic(SCORES_SEMANTIC, scoring_pb2.SemanticScoreRecord, partitions=partitions, config=retention),
         Topic(PAIRS, pairs_pb2.PairDecision, partitions=partitions, config=retention),
     ]

@@ -7,8 +7,8 @@ Every box the core library hands out is in **absolute pixels** (``x1, y1, x2, y2
 * Integer bins with ``B`` steps (``B = 999`` for Ferret/Shikra/CogVLM ``[x1, y1, x2, y2]``,
   ``B = 1000`` for Qwen2-VL ``(x1,y1),(x2,y2)``)::
 
-      bin = round(v / size * B)        (Python's round: half to even)
-      v   = bin / B * size
+      bin = round(v * B / size)        (Python's round: half to even)
+      v   = bin * size / B
 
   so bin ``0`` is the frame's left/top edge and bin ``B`` its right/bottom edge, and a pixel value
   survives pixels -> bins -> pixels within half a bin (``size / (2 B)`` pixels).
@@ -142,7 +142,7 @@ def from_normalized(coords: Coords, frame_w: float, frame_h: float) -> Box:
 
 
 def to_bins(box: Box, frame_w: float, frame_h: float, bins: int) -> tuple[int, int, int, int]:
-    """Pixels -> integer bins: ``bin = round(v / size * B)``; ``B`` is 999 or 1000 (module doc)."""
+    """Pixels -> integer bins: ``bin = round(v * B / size)``; ``B`` is 999 or 1000 (module doc)."""
     # Multiplying before dividing keeps exact cases exact (e.g. 63 px of a 999 px frame is bin 63).
     return (
         round(box.x1 * bins / frame_w),
@@ -153,7 +153,7 @@ def to_bins(box: Box, frame_w: float, frame_h: float, bins: int) -> tuple[int, i
 
 
 def from_bins(coords: Coords, frame_w: float, frame_h: float, bins: int) -> Box:
-    """Bins -> pixels: ``v = bin / B * size``. Takes floats so that odd model output still converts."""
+    """Bins -> pixels: ``v = bin * size / B``. Takes floats so that odd model output still converts."""
     bx1, by1, bx2, by2 = coords
     return Box(bx1 * frame_w / bins, by1 * frame_h / bins, bx2 * frame_w / bins, by2 * frame_h / bins)
 

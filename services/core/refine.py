@@ -26,7 +26,7 @@ REFINE_IOU_THRESHOLD = 0.5
 class RefineResult:
     text: str
     mentions: list[Mention]  # as parse(text) returns them: new boxes, spans shifted to the new text
-    replaced_count: int
+    replaced_count: int  # boxes rewritten with their GT box (one already equal to it counts too)
 
 
 def greedy_match(ious: FloatArray, threshold: float) -> list[tuple[int, int]]:

@@ -12,6 +12,7 @@ from services.core.boxes import FloatArray
 
 DEFAULT_LAMBDA = 0.8
 PRECISION_MATCH_IOU = 0.5
+_TINY = float(np.finfo(np.float64).tiny)
 
 
 def as_box_array(boxes: npt.ArrayLike) -> FloatArray:
@@ -40,9 +41,6 @@ def iou_matrix(a: npt.ArrayLike, b: npt.ArrayLike) -> FloatArray:
     # A zero union (two degenerate boxes) comes with a zero intersection: 0 / tiny = 0, no warning.
     ious: FloatArray = intersection / np.maximum(union, _TINY)
     return ious
-
-
-_TINY = float(np.finfo(np.float64).tiny)
 
 
 def _areas(boxes: FloatArray) -> FloatArray:

@@ -109,6 +109,7 @@ class Describer:
             model_version=settings.model_version,
             retry=settings.retry,
             ssl=settings.triton_ssl,
+            reconnect_backoff_s=settings.triton_reconnect_backoff_s,
         )
         self._loop = loop or EventLoopThread("describer-triton")
         self._code_version = code_version()

@@ -135,6 +135,9 @@ class DescriberSettings(GrpcServerSettings):
 
     triton_url: str = Field(default="127.0.0.1:8001", description="Triton gRPC endpoint, host:port.")
     triton_ssl: bool = Field(default=False, description="Speak TLS to Triton (system roots).")
+    triton_reconnect_backoff_s: float = Field(
+        default=1.0, gt=0, description="Longest wait of the Triton channel between reconnection attempts."
+    )
     model_name: str = Field(default="spr_policy", description="Triton model of the policy.")
     model_version: str = Field(default="", description="Triton model version; '' = Triton's policy.")
     policy_model_id: str = Field(

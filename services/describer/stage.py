@@ -144,6 +144,9 @@ class DescriberStage:
             if partition in rewind:
                 continue
             if outcome.retry:
+                _LOG.warning(
+                    "will retry %s/%d@%d: %s %s", *partition, record.offset, outcome.code, outcome.message
+                )
                 rewind[partition] = record.offset
                 self._count(outcome, "retried")
                 continue

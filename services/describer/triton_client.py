@@ -45,6 +45,7 @@ from services.describer.settings import RetryPolicy
 _LOG = logging.getLogger(__name__)
 
 OUTPUTS = ("TEXT", "TOKEN_LOGPROBS", "NUM_TOKENS", "ADAPTER_VERSION")
+_MAX_MESSAGE_BYTES = 2**31 - 1  # tritonclient's own default: images and N texts can be large
 
 # "ADAPTER_NOT_FOUND: ..." at the start, or after Triton's own wrapping ("..., message: CODE: ...").
 _CODE_PREFIX = re.compile(r"(?:^|message: )([A-Z][A-Z0-9_]+): ")
@@ -186,19 +187,35 @@ class TritonPolicyClient:
         model_version: str = "",
         retry: RetryPolicy | None = None,
         ssl: bool = False,
+        reconnect_backoff_s: float = 1.0,
     ) -> None:
         self.url = url
         self.model_name = model_name
         self.model_version = model_version
         self.retry = retry or RetryPolicy()
         self._ssl = ssl
+        self._reconnect_ms = max(1, int(reconnect_backoff_s * 1000))
         self._client: Any = None
         self._random = random.Random()
 
     def _connection(self) -> Any:
         if self._client is None:
-            self._client = InferenceServerClient(self.url, ssl=self._ssl)
+            self._client = InferenceServerClient(self.url, ssl=self._ssl, channel_args=self._channel_args())
         return self._client
+
+    def _channel_args(self) -> list[tuple[str, int]]:
+        """tritonclient's message limits, plus a short reconnect backoff.
+
+        After Triton restarts, a gRPC channel waits out its reconnect backoff (growing up to 120 s by
+        default) before it tries again, failing every call meanwhile; capping it lets the describer
+        recover within about a second of Triton coming back.
+        """
+        return [
+            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.initial_reconnect_backoff_ms", self._reconnect_ms),
+            ("grpc.max_reconnect_backoff_ms", self._reconnect_ms),
+        ]
 
     async def generate(self, request: PolicyRequest, deadline: float | None = None) -> PolicyOutput:
         """Generate; ``deadline`` is a ``time.monotonic()`` instant bounding all attempts and waits.

@@ -4,6 +4,12 @@ Every server is started in a session of its own (``start_new_session``) so that 
 terminal or to the test runner never reach it by accident, and so that its children (the python
 backend stubs of ``tritonserver``) can be swept with one ``killpg`` on the id of the process we
 started if a graceful stop fails. Nothing here ever signals a process it did not start.
+
+Clean-up does not rely on the caller's ``finally`` blocks alone: ``atexit`` stops what is still
+running, and on Linux each server is exec'd through a tiny launcher that asks the kernel to SIGTERM
+it when its parent dies (``PR_SET_PDEATHSIG``), so even a SIGKILLed test runner leaks no broker.
+The kernel ties that signal to the *thread* that spawned the server: start servers from a thread
+that outlives them (normally the main thread).
 """
 
 from __future__ import annotations
@@ -14,12 +20,31 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 #: Every dev-stack server binds loopback only.
 LOOPBACK = "127.0.0.1"
+
+
+#: Runs as ``python -c LAUNCHER <parent pid> <argv...>``: arm the parent-death signal, then exec the
+#: server in place (same PID). The getppid check closes the race with a parent that already died.
+_PDEATHSIG_LAUNCHER = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _with_parent_death_signal(argv: list[str]) -> list[str]:
+    """Wrap ``argv`` in the launcher on Linux; elsewhere run it as is."""
+    if not sys.platform.startswith("linux"):
+        return argv
+    return [sys.executable, "-c", _PDEATHSIG_LAUNCHER, str(os.getpid()), *argv]
 
 
 #: Processes started and not yet stopped; swept at interpreter exit so a crashed caller leaks nothing.
@@ -131,7 +156,7 @@ class ManagedProcess:
             log.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.argv)}\n".encode())
             log.flush()
             self._popen = subprocess.Popen(
-                self.argv,
+                _with_parent_death_signal(self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -50,6 +50,9 @@ from services.devstack.process import (
 
 _LOG = logging.getLogger(__name__)
 
+#: Loopback probes must never go through an HTTP proxy taken from the environment.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 class ModelControlMode(str, Enum):
     """Triton's ``--model-control-mode``."""
@@ -279,7 +282,7 @@ class TritonServer:
 
     def _http_ok(self, path: str) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2.0) as response:
+            with _NO_PROXY.open(f"http://{self.http_url}{path}", timeout=2.0) as response:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False

@@ -28,6 +28,9 @@ from transformers import (
     GroundingDinoForObjectDetection,
     GroundingDinoImageProcessorPil,
     GroundingDinoProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     Owlv2Config,
     Owlv2ForObjectDetection,
     Owlv2ImageProcessorPil,
@@ -73,14 +76,35 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Shared sizes of the tiny policies: text 64 wide (4 heads of 16, 2 KV heads), vision patch 14, merge 2.
-QWEN_TEXT = {
+# The released LLaVA-1.5 chat_template.json (llava-hf): "USER: <image>\n{text} ASSISTANT:", images
+# before text, no default system prompt. One addition: plain-string contents (text-only turns, such as
+# the chosen/rejected completions of a preference trainer), which the released template silently drops.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}"
+    "{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# Shared sizes of the tiny policies' text models: 64 wide (4 heads of 16, 2 KV heads), 2 layers.
+TEXT_SIZES = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "max_position_embeddings": 2048,
+}
+# Qwen-VL: the shared text sizes, vision patch 14, merge 2.
+QWEN_TEXT = {
+    **TEXT_SIZES,
     # mrope splits the 8 rotary frequencies of a 16-wide head into (temporal, height, width) parts,
     # in the proportions of the released 16/24/24 for 128-wide heads.
     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
@@ -88,6 +112,10 @@ QWEN_TEXT = {
 QWEN_PATCH, QWEN_MERGE = 14, 2
 # Images are resized to between 56x56 and 112x112 pixels: 4 to 16 image tokens.
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 112 * 112
+# LLaVA: a CLIP ViT of patch 14 on 56 px squares sees 4x4 patches; the "default" feature strategy drops
+# the CLS token, so every image is 16 `<image>` tokens (576 for the released 336 px).
+LLAVA_IMAGE_SIZE, LLAVA_PATCH = 56, 14
+LLAVA_IMAGE_TOKENS = (LLAVA_IMAGE_SIZE // LLAVA_PATCH) ** 2
 
 
 @dataclass(frozen=True)
@@ -132,6 +160,7 @@ def _qwen_token_ids(processor: ProcessorMixin) -> dict[str, Any]:
             "vision_start_token_id": ids["<|vision_start|>"],
             "vision_end_token_id": ids["<|vision_end|>"],
         },
+        "bos": ids["<|endoftext|>"],
         "eos": [ids["<|im_end|>"], ids["<|endoftext|>"]],
         "pad": ids["<|endoftext|>"],
     }
@@ -139,7 +168,7 @@ def _qwen_token_ids(processor: ProcessorMixin) -> dict[str, Any]:
 
 def _save_policy(model: PreTrainedModel, processor: ProcessorMixin, ids: dict[str, Any], out: Path) -> None:
     model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
-        bos_token_id=ids["pad"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]
+        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -182,6 +211,48 @@ def build_qwen2_vl(out: Path) -> None:
     }
     config = Qwen2VLConfig(text_config={**QWEN_TEXT, **ids["text"]}, vision_config=vision, **ids["top"])
     _save_policy(Qwen2VLForConditionalGeneration(config), processor, ids, out)
+
+
+def _llava_processor() -> ProcessorMixin:
+    """A LlavaProcessor: PIL CLIP image processor, Vicuna-style tokenizer, LLaVA-1.5 chat template.
+
+    The image is stretched to the square rather than resized by its short side and centre-cropped (the
+    llava-hf default), so the model sees the whole image and 0-999 bins stay relative to all of it, the
+    frame `services.describer.families.FixedResize` assumes.
+    """
+    square = {"height": LLAVA_IMAGE_SIZE, "width": LLAVA_IMAGE_SIZE}
+    image_processor = CLIPImageProcessorPil(size=square, crop_size=square, do_center_crop=False)
+    return LlavaProcessor(  # type: ignore[no-untyped-call]
+        image_processor=image_processor,
+        tokenizer=tok.build_llama_tokenizer(),
+        patch_size=LLAVA_PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, which "default" then drops
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token=tok.LLAVA_IMAGE_TOKEN,
+    )
+
+
+def build_llava(out: Path) -> None:
+    """LlavaForConditionalGeneration (LLaVA-1.5 layout): 2-layer CLIP ViT, 2-layer MLP projector, Llama.
+
+    Image features come from the vision tower's second-last layer, as in LLaVA-1.5.
+    """
+    processor = _llava_processor()
+    tokenizer = processor.tokenizer
+    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    text = {"model_type": "llama", **TEXT_SIZES, "vocab_size": len(tokenizer)}
+    text |= {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
+    vision = {"model_type": "clip_vision_model", **_vit(LLAVA_IMAGE_SIZE, LLAVA_PATCH, layers=2)}
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(tok.LLAVA_IMAGE_TOKEN),
+        image_seq_length=LLAVA_IMAGE_TOKENS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    _save_policy(LlavaForConditionalGeneration(config), processor, ids, out)
 
 
 def build_grounding_dino(out: Path) -> None:
@@ -292,6 +363,7 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         Recipe("tiny-qwen2.5-vl", "policy", build_qwen2_5_vl),
         Recipe("tiny-qwen2-vl", "policy", build_qwen2_vl),
+        Recipe("tiny-llava", "policy", build_llava),
         Recipe("tiny-grounding-dino", "grounding", build_grounding_dino),
         Recipe("tiny-owlv2", "grounding", build_owlv2),
         Recipe("tiny-clip", "clip", build_clip),
@@ -323,7 +395,8 @@ def check_policy(path: Path) -> None:
     if generated.shape[1] <= inputs["input_ids"].shape[1]:
         raise AssertionError(f"{path.name}: generate produced no tokens")
     for text in tok.iter_format_examples(3):
-        decoded = processor.tokenizer.decode(processor.tokenizer.encode(text))
+        # Without special tokens: Llama-style tokenizers prepend <s> to every text.
+        decoded = processor.tokenizer.decode(processor.tokenizer.encode(text, add_special_tokens=False))
         if decoded != text:
             raise AssertionError(f"{path.name}: tokenizer does not round-trip {text!r}: {decoded!r}")
 

@@ -1,8 +1,8 @@
 """`spr-tiny-models`: build tiny random-weight models of the real architectures SPR runs, and cache them.
 
 No model hub is reachable here, so tests (and anyone trying the stack) use these instead of released
-checkpoints. Each one is the real transformers class (Qwen2.5-VL, Qwen2-VL, Grounding DINO, OWLv2, CLIP,
-SigLIP) with a tiny config and a locally built tokenizer, saved with `save_pretrained` and loaded back
+checkpoints. Each one is the real transformers class (Qwen2.5-VL, Qwen2-VL, LLaVA, Grounding DINO, OWLv2,
+CLIP, SigLIP) with a tiny config and a locally built tokenizer, saved with `save_pretrained` and loaded back
 through `services.modelzoo.loading`, the code production uses (recipes: `services.modelzoo.recipes`).
 
     spr-tiny-models                      # build all of them (or reuse the cache), print name and folder
@@ -44,6 +44,7 @@ ENV_CACHE = "SPR_MODEL_CACHE"
 MODELS: dict[str, str] = {
     "tiny-qwen2.5-vl": "Qwen2.5-VL policy (Qwen2_5_VLForConditionalGeneration)",
     "tiny-qwen2-vl": "Qwen2-VL policy (Qwen2VLForConditionalGeneration)",
+    "tiny-llava": "LLaVA-1.5-style policy, [x1, y1, x2, y2] boxes (LlavaForConditionalGeneration)",
     "tiny-grounding-dino": "Grounding DINO detector (GroundingDinoForObjectDetection)",
     "tiny-owlv2": "OWLv2 detector (Owlv2ForObjectDetection)",
     "tiny-clip": "CLIP dual encoder (CLIPModel)",

@@ -5,6 +5,7 @@ Each tokenizer uses the real model family's pipeline and covers what SPR puts th
 `bbox_2d`, Qwen2-VL `(x1,y1),(x2,y2)`, `[x1, y1, x2, y2]`, floats 0-1).
 
 - Qwen2 byte-level BPE and CLIP BPE (`</w>` word ends): merges learnt on a small generated corpus;
+- Llama SentencePiece-style BPE with byte fallback (LLaVA-1.5): merges learnt on the same corpus;
 - BERT WordPiece (Grounding DINO) and SigLIP SentencePiece unigram: assembled from the word list.
 
 Everything here is deterministic: the corpus comes from a fixed seed, BPE merges are learnt by a small
@@ -22,8 +23,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer
-from transformers import BertTokenizer, CLIPTokenizer, Qwen2Tokenizer, SiglipTokenizer
+from tokenizers import AddedToken, Tokenizer, pre_tokenizers
+from tokenizers.models import BPE
+from transformers import BertTokenizer, CLIPTokenizer, LlamaTokenizer, Qwen2Tokenizer, SiglipTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 CORPUS_SEED = 20250612
@@ -151,8 +153,16 @@ QWEN_SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 
+# Llama (Vicuna) SentencePiece ids 0-2, as in the released vocabulary; the 256 byte pieces follow them.
+LLAMA_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+# What llava-hf appends to the Vicuna vocabulary (ids 32000, 32001 there): the image placeholder, padding.
+LLAVA_IMAGE_TOKEN, LLAVA_PAD_TOKEN = "<image>", "<pad>"
+# Turn markers of the LLaVA-1.5 prompt ("USER: <image>\n... ASSISTANT:"), learnt as whole pieces.
+LLAVA_ROLE_WORDS = ("USER", "ASSISTANT")
+
 QWEN_VOCAB_SIZE = 2048
 CLIP_VOCAB_SIZE = 2048
+LLAMA_VOCAB_SIZE = 2048
 
 
 def vocabulary_words() -> list[str]:
@@ -328,6 +338,53 @@ def build_qwen_tokenizer() -> Qwen2Tokenizer:
     tokenizer.add_special_tokens({"extra_special_tokens": added})
     # Instruct checkpoints end a turn with <|im_end|>; set after adding it so ids keep the released order.
     tokenizer.eos_token = "<|im_end|>"
+    return tokenizer
+
+
+def _llama_training_pipeline() -> Tokenizer:
+    """How SentencePiece splits text while learning Llama's pieces: `▁` starts each word, and digits and
+    punctuation stand alone (Llama's `split_digits`), so no merge crosses a word and numbers such as the
+    0-999 bins of `[x1, y1, x2, y2]` stay one token per digit, as with the released tokenizer."""
+    pipeline = Tokenizer(BPE())
+    pipeline.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True),
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Punctuation(),
+        ]
+    )
+    return pipeline
+
+
+def llama_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a Llama-style BPE: specials, `<0xNN>` byte pieces, `▁` and printable
+    ASCII, then merge results in merge order. Anything else (newlines, non-ASCII) falls back to bytes."""
+    base = ["\u2581"] + [chr(c) for c in range(33, 127)]
+    lines = corpus() + [" ".join(LLAVA_ROLE_WORDS) + ":"] * 20
+    counts = _word_counts(_llama_training_pipeline(), lines, "")
+    # A merge may only join pieces of the vocabulary: words with byte-fallback characters learn nothing.
+    allowed = set(base)
+    counts = Counter({word: n for word, n in counts.items() if allowed.issuperset(word)})
+    fixed = [*LLAMA_SPECIAL_TOKENS, *(f"<0x{b:02X}>" for b in range(256)), *base]
+    merges = learn_merges(counts, max_merges=LLAMA_VOCAB_SIZE - len(fixed))
+    symbols = dict.fromkeys([*fixed, *(left + right for left, right in merges)])
+    return {symbol: i for i, symbol in enumerate(symbols)}, merges
+
+
+def build_llama_tokenizer() -> LlamaTokenizer:
+    """A LLaVA-1.5 (Vicuna) tokenizer: Llama BPE with byte fallback, `<s>` prepended to every text, and
+    llava-hf's added `<image>` and `<pad>` special tokens; pads on the left, for batched generation."""
+    vocab, merges = llama_bpe()
+    tokenizer = LlamaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=4096,
+        add_bos_token=True,  # built from a vocabulary it adds no <s> unless asked; the released one does
+        padding_side="left",  # only saved (and so only kept by a reload) when passed here
+    )
+    image = AddedToken(LLAVA_IMAGE_TOKEN, special=True, normalized=False)
+    pad = AddedToken(LLAVA_PAD_TOKEN, special=True, normalized=False)
+    tokenizer.add_special_tokens({"extra_special_tokens": [image], "pad_token": pad})
     return tokenizer
 
 

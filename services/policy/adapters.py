@@ -56,7 +56,7 @@ class AdapterRegistry:
 
     # -- resolution -------------------------------------------------------------------------
     def resolve(self, name: str) -> str:
-        """Map a request's adapter field (version, alias or "") to a resident version, loading it if needed."""
+        """Map a request's adapter (version, alias or "") to a resident version, loading it if needed."""
         with self.lock:
             if name == BASE or name == "base":
                 return BASE

@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
 from kafka import KafkaConsumer, TopicPartition
 
 from services.common.kafka_io import KafkaSettings, UndecodableRecord, decode_record, ensure_topics
@@ -100,7 +101,9 @@ class AdapterFollower:
                     continue
                 decoded = decode_record(self.topic, record)
                 if isinstance(decoded, UndecodableRecord):
-                    log.error("skipping adapters record %s:%s: %s", record.partition, record.offset, decoded.reason)
+                    log.error(
+                        "skipping adapters record %s:%s: %s", record.partition, record.offset, decoded.reason
+                    )
                     continue
                 events.append(decoded.message)
         return events

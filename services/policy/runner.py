@@ -64,6 +64,7 @@ class PolicyRunner:
         base_model_id: str | None = None,
         max_resident_adapters: int = 4,
     ) -> None:
+        model: Any
         model, self.processor = load_policy(model_path, device=device, dtype=dtype)
         model.eval()
         self.device = device
@@ -73,7 +74,7 @@ class PolicyRunner:
         self.processor.tokenizer.padding_side = "left"
 
     def build_prompt(self, instruction: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        messages: Any = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
         prompt: str = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return prompt
 
@@ -138,9 +139,13 @@ class PolicyRunner:
             texts, lps = [], []
             for row in range(b * n, (b + 1) * n):
                 length = _generated_length(new_tokens[row].tolist(), eos_ids, pad_id)
-                texts.append(self.processor.tokenizer.decode(new_tokens[row, :length], skip_special_tokens=False))
+                texts.append(
+                    self.processor.tokenizer.decode(new_tokens[row, :length], skip_special_tokens=False)
+                )
                 lps.append([float(v) for v in logprobs[row, :length]])
-            results.append(GenerationResult(texts=[_strip_special(t, self.processor) for t in texts], token_logprobs=lps))
+            results.append(
+                GenerationResult(texts=[_strip_special(t, self.processor) for t in texts], token_logprobs=lps)
+            )
         return results
 
 

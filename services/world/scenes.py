@@ -124,7 +124,8 @@ def generate_world(out_dir: Path, num_images: int, seed: int = 0, cfg: SceneConf
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     categories = _category_ids()
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for index in range(num_images):
         image, objects = render_scene(seed, index, cfg)
         file_name = f"images/{seed:04d}-{index:06d}.png"

@@ -51,7 +51,7 @@ def test_verify_rejects_tampered_files_and_wrong_base(tmp_path: Path) -> None:
         store.verify(manifest.version, expected_base_model_id="another-base")
     weights = store.path_of(manifest.version) / "adapter_model.safetensors"
     weights.write_bytes(b"x" * 64)
-    with pytest.raises(AdapterStoreError, match="checksums: adapter_model.safetensors"):
+    with pytest.raises(AdapterStoreError, match=r"checksums: adapter_model\.safetensors"):
         store.verify(manifest.version)
     with pytest.raises(AdapterStoreError, match="not found"):
         store.verify("spr-v9-deadbeef")

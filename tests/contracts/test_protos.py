@@ -15,7 +15,9 @@ def test_pair_decision_round_trips_with_lineage() -> None:
         region_id="ds/1/abc",
         image=common_pb2.ImageRef(uri="file:///data/1.jpg", width=640, height=480),
         box=common_pb2.Box(x1=10, y1=20, x2=300, y2=400),
-        ground_truth=[common_pb2.AnnotatedObject(annotation_id=7, category="cat", box=common_pb2.Box(x2=5, y2=5))],
+        ground_truth=[
+            common_pb2.AnnotatedObject(annotation_id=7, category="cat", box=common_pb2.Box(x2=5, y2=5))
+        ],
     )
     pair = pairs_pb2.PreferencePair(
         pair_id="p1",

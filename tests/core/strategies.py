@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from services.core import AnnotatedBox, Box, CoordinateFormat
 
 # Numpy's first call and big generated texts can be slow; examples are capped to keep the suite fast.
-FAST = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-THOROUGH = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+THOROUGH = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Grid step of each format in units of the frame size: the "one bin" of the round-trip tolerance.
 BIN_FRACTION = {

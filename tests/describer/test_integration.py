@@ -40,7 +40,10 @@ def describer_server(triton: TritonServer, tiny_qwen25: Path) -> Iterator[GrpcSe
         processor_config=tiny_qwen25 / "processor_config.json",
         policy_model_id="tiny-qwen2.5-vl",
         sampling={"max_new_tokens": MAX_NEW_TOKENS},
-        retry={"max_attempts": 3, "initial_backoff_s": 0.1},
+        # Recovery after a Triton restart: the channel retries the connection every 0.3 s, and the
+        # 0.1 + 0.2 + 0.4 s of backoff between four attempts outlast that.
+        retry={"max_attempts": 4, "initial_backoff_s": 0.1, "jitter": 0.0},
+        triton_reconnect_backoff_s=0.3,
         grace_period_s=0.0,
         max_workers=8,
     )
@@ -162,7 +165,7 @@ def test_triton_outage_is_unavailable_and_the_service_recovers(
             describe(stub, sampling=common_pb2.SamplingParams(num_samples=1))
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
         assert error_code_of(caught.value) == "POLICY_UNAVAILABLE"
-        assert time.monotonic() - started < 5.0  # three attempts with short backoff, not a hang
+        assert time.monotonic() - started < 5.0  # four attempts with short backoff, not a hang
         with make_channel(f"127.0.0.1:{describer_server.port}") as channel:
             assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     finally:

@@ -13,7 +13,7 @@ import numpy.typing as npt
 import pytest
 import tritonclient.grpc as grpcclient
 
-from services.devstack.process import pid_alive, port_is_open
+from services.devstack.process import StartupError, pid_alive, port_is_open
 from services.devstack.triton import ModelControlMode, TritonDist, TritonServer, server_env
 
 pytestmark = pytest.mark.integration
@@ -94,3 +94,19 @@ def test_stop_by_pid_frees_the_ports(triton_server: TritonFactory) -> None:
         os.killpg(pid, 0)  # no python-backend stub left behind in the server's process group
     assert not any(port_is_open("127.0.0.1", port) for port in ports)
     assert "Signal (15) received" in server.log_path.read_text()
+
+
+def test_a_model_that_fails_to_load_fails_start_up_with_the_log(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (repo / "broken" / "1").mkdir(parents=True)
+    config = (REPO / MODEL / "config.pbtxt").read_text().replace(f'name: "{MODEL}"', 'name: "broken"')
+    (repo / "broken" / "config.pbtxt").write_text(config)
+    (repo / "broken" / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n"
+        "    def initialize(self, args):\n"
+        "        raise RuntimeError('deliberately broken test model')\n"
+    )
+    server = TritonServer(repo, workdir=tmp_path / "work", models=["broken"], startup_timeout=60)
+    with pytest.raises(StartupError, match="deliberately broken test model"):
+        server.start()
+    assert not server.is_running()

@@ -19,16 +19,22 @@ GREEDY = Sampling(num_samples=2, max_new_tokens=10, greedy=True)
 
 
 def _request(image: Image.Image, adapter: str) -> GenerationRequest:
-    return GenerationRequest(image=image, instruction="Describe the region.", sampling=GREEDY, adapter=adapter)
+    return GenerationRequest(
+        image=image, instruction="Describe the region.", sampling=GREEDY, adapter=adapter
+    )
 
 
-def _direct_peft_text(base_path: Path, adapter_dir: Path | None, image: Image.Image, runner: PolicyRunner) -> str:
+def _direct_peft_text(
+    base_path: Path, adapter_dir: Path | None, image: Image.Image, runner: PolicyRunner
+) -> str:
     """The reference: PEFT's own PeftModel.from_pretrained + generate, no SPR code in the loop."""
     model, processor = load_policy(base_path)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
-    inputs = processor(text=[runner.build_prompt("Describe the region.")], images=[image], return_tensors="pt")
+    inputs = processor(
+        text=[runner.build_prompt("Describe the region.")], images=[image], return_tensors="pt"
+    )
     with torch.inference_mode():
         out = model.generate(**inputs, do_sample=False, max_new_tokens=GREEDY.max_new_tokens)
     text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
@@ -36,10 +42,15 @@ def _direct_peft_text(base_path: Path, adapter_dir: Path | None, image: Image.Im
 
 
 def test_outputs_equal_direct_peft_for_base_and_each_adapter(
-    tiny_policy_path: Path, adapter_store: AdapterStore, publish_adapter: PublishAdapter, scene_image: Image.Image
+    tiny_policy_path: Path,
+    adapter_store: AdapterStore,
+    publish_adapter: PublishAdapter,
+    scene_image: Image.Image,
 ) -> None:
     first, second = publish_adapter(1), publish_adapter(2)
-    runner = PolicyRunner(str(tiny_policy_path), adapter_store=adapter_store, base_model_id=str(tiny_policy_path))
+    runner = PolicyRunner(
+        str(tiny_policy_path), adapter_store=adapter_store, base_model_id=str(tiny_policy_path)
+    )
     runner.adapters.set_alias("latest", first.version)
     results = runner.generate(
         [_request(scene_image, ""), _request(scene_image, "latest"), _request(scene_image, second.version)]
@@ -56,11 +67,17 @@ def test_outputs_equal_direct_peft_for_base_and_each_adapter(
 
 
 def test_lru_keeps_aliased_versions_and_reloads_evicted_ones(
-    tiny_policy_path: Path, adapter_store: AdapterStore, publish_adapter: PublishAdapter, scene_image: Image.Image
+    tiny_policy_path: Path,
+    adapter_store: AdapterStore,
+    publish_adapter: PublishAdapter,
+    scene_image: Image.Image,
 ) -> None:
     a, b, c = publish_adapter(1), publish_adapter(2), publish_adapter(3)
     runner = PolicyRunner(
-        str(tiny_policy_path), adapter_store=adapter_store, base_model_id=str(tiny_policy_path), max_resident_adapters=2
+        str(tiny_policy_path),
+        adapter_store=adapter_store,
+        base_model_id=str(tiny_policy_path),
+        max_resident_adapters=2,
     )
     registry = runner.adapters
     registry.set_alias("stable", a.version)

@@ -36,7 +36,9 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _inputs(image_bytes: bytes, *, n: int = 2, adapter: str = "", greedy: bool = True) -> list[grpcclient.InferInput]:
+def _inputs(
+    image_bytes: bytes, *, n: int = 2, adapter: str = "", greedy: bool = True
+) -> list[grpcclient.InferInput]:
     def tensor(name: str, dtype: str, value: np.ndarray) -> grpcclient.InferInput:
         t = grpcclient.InferInput(name, list(value.shape), dtype)
         t.set_data_from_numpy(value)
@@ -52,7 +54,9 @@ def _inputs(image_bytes: bytes, *, n: int = 2, adapter: str = "", greedy: bool =
     ]
 
 
-def _infer(client: grpcclient.InferenceServerClient, image_bytes: bytes, **kwargs: object) -> tuple[list[str], str]:
+def _infer(
+    client: grpcclient.InferenceServerClient, image_bytes: bytes, **kwargs: object
+) -> tuple[list[str], str]:
     result = client.infer(MODEL, _inputs(image_bytes, **kwargs))  # type: ignore[arg-type]
     texts = [t.decode() for t in result.as_numpy("TEXT")[0]]
     return texts, result.as_numpy("ADAPTER_VERSION")[0][0].decode()
@@ -75,7 +79,9 @@ def policy_server(
     return triton_server(REPOSITORY, models=[MODEL], fresh=True)
 
 
-def test_samples_n_texts_and_reports_errors_per_request(policy_server: TritonServer, scene_image: Image.Image) -> None:
+def test_samples_n_texts_and_reports_errors_per_request(
+    policy_server: TritonServer, scene_image: Image.Image
+) -> None:
     client = grpcclient.InferenceServerClient(policy_server.grpc_url)
     texts, version = _infer(client, _png(scene_image), n=3, greedy=False)
     assert len(texts) == 3 and version == ""

@@ -104,8 +104,13 @@ class DescriptionRecord(_message.Message):
     PROMPT_MODE_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     CROP_BOX_FIELD_NUMBER: _builtins.int
+    FRAME_WIDTH_FIELD_NUMBER: _builtins.int
+    FRAME_HEIGHT_FIELD_NUMBER: _builtins.int
     prompt_mode: Global___PromptMode.ValueType
     prompt: _builtins.str
+    frame_width: _builtins.int
+    """Size of the image the model saw after resizing: the frame of the coordinates in the raw text."""
+    frame_height: _builtins.int
     @_builtins.property
     def region(self) -> _common_pb2.Region: ...
     @_builtins.property
@@ -114,7 +119,9 @@ class DescriptionRecord(_message.Message):
     def lineage(self) -> _common_pb2.Lineage: ...
     @_builtins.property
     def crop_box(self) -> _common_pb2.Box:
-        """Region box as shown to the model (crop offset), for re-rendering refined text."""
+        """Region box as shown to the model (crop offset), for re-rendering refined text;
+        unset in full-image prompt modes.
+        """
 
     def __init__(
         self,
@@ -125,10 +132,12 @@ class DescriptionRecord(_message.Message):
         prompt_mode: Global___PromptMode.ValueType = ...,
         prompt: _builtins.str = ...,
         crop_box: _common_pb2.Box | None = ...,
+        frame_width: _builtins.int = ...,
+        frame_height: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["crop_box", b"crop_box", "lineage", b"lineage", "region", b"region"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "crop_box", b"crop_box", "lineage", b"lineage", "prompt", b"prompt", "prompt_mode", b"prompt_mode", "region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "crop_box", b"crop_box", "frame_height", b"frame_height", "frame_width", b"frame_width", "lineage", b"lineage", "prompt", b"prompt", "prompt_mode", b"prompt_mode", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,8 +21,17 @@ from services.policy.adapters import AdapterNotFound
 from services.policy.follower import AdapterFollower
 from services.policy.runner import GenerationRequest, GenerationResult, PolicyRunner, Sampling, decode_image
 
-SETTINGS = ("model_path", "base_model_id", "device", "dtype", "max_num_samples", "adapter_store",
-            "max_resident_adapters", "kafka_bootstrap", "kafka_api_version")
+SETTINGS = (
+    "model_path",
+    "base_model_id",
+    "device",
+    "dtype",
+    "max_num_samples",
+    "adapter_store",
+    "max_resident_adapters",
+    "kafka_bootstrap",
+    "kafka_api_version",
+)
 
 
 def _settings(model_config: dict[str, Any]) -> dict[str, str]:
@@ -87,11 +96,17 @@ class TritonPythonModel:
 
     def _init_metrics(self) -> None:
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
-        self.m_resident = pb_utils.MetricFamily("spr_policy_adapter_resident", "1 while a version is loaded", gauge)
-        self.m_alias = pb_utils.MetricFamily("spr_policy_adapter_alias", "1 for the version an alias names", gauge)
+        self.m_resident = pb_utils.MetricFamily(
+            "spr_policy_adapter_resident", "1 while a version is loaded", gauge
+        )
+        self.m_alias = pb_utils.MetricFamily(
+            "spr_policy_adapter_alias", "1 for the version an alias names", gauge
+        )
         self.m_load = pb_utils.MetricFamily("spr_policy_adapter_load_seconds", "adapter load time", gauge)
-        self.m_requests = pb_utils.MetricFamily("spr_policy_adapter_requests_total", "requests per adapter", counter)
-        self._metric_cache: dict[tuple[str, str], Any] = {}
+        self.m_requests = pb_utils.MetricFamily(
+            "spr_policy_adapter_requests_total", "requests per adapter", counter
+        )
+        self._metric_cache: dict[tuple[int, str], Any] = {}
 
     def _metric(self, family: Any, labels: dict[str, str]) -> Any:
         key = (id(family), json.dumps(labels, sort_keys=True))
@@ -101,7 +116,7 @@ class TritonPythonModel:
 
     def _publish_adapter_metrics(self) -> None:
         aliases, resident = self.runner.adapters.snapshot()
-        for (fid, labels_json), metric in self._metric_cache.items():
+        for (fid, _labels), metric in self._metric_cache.items():
             if fid in (id(self.m_resident), id(self.m_alias)):
                 metric.set(0)
         for version, stats in resident.items():
@@ -140,7 +155,9 @@ class TritonPythonModel:
             greedy=bool(_scalar(request, "GREEDY", False)),
         )
         if not 1 <= sampling.num_samples <= self.max_num_samples:
-            raise RequestError(f"NUM_SAMPLES must be in [1, {self.max_num_samples}], got {sampling.num_samples}")
+            raise RequestError(
+                f"NUM_SAMPLES must be in [1, {self.max_num_samples}], got {sampling.num_samples}"
+            )
         if not sampling.greedy and not (sampling.temperature > 0 and 0 < sampling.top_p <= 1):
             raise RequestError("TEMPERATURE must be > 0 and TOP_P in (0, 1] when sampling")
         image_bytes = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1).tobytes()

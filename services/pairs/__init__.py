@@ -1,0 +1,1 @@
+"""The pair builder: joins descriptions with their scores and decides one preference pair per region."""

@@ -1,0 +1,195 @@
+"""Pair decisions for one region, from its descriptions and their scores. No transport here.
+
+SPEC section 2, "Refinement" and "Pairs":
+- every candidate is refined (boxes matching a GT box with IoU > 0.5 replaced by that GT box, in the
+  model's own format) and its `S_loc` recomputed against GT, with P = the refined candidate's own
+  boxes plus the boxes the grounding model found for the original candidate's phrases;
+- chosen = the best refined candidate, rejected = the lowest-scored initial candidate; skip when
+  the margin is below delta or both texts are the same.
+
+Semantic score of a refined text (the choice the streaming issue asks to document): refinement only
+rewrites box coordinates, never words, and the semantic scorers judge what the text says about the
+image region, so a refined candidate keeps its original candidate's `S_sem`. Re-scoring would cost a
+second semantic pass per region for a number that differs only through how an encoder tokenises digits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from services.core import (
+    Box,
+    CoordinateFormat,
+    PairChoice,
+    ScoredCandidate,
+    SkipDecision,
+    as_box_array,
+    localization_score,
+    pair_id,
+    parse,
+    reward,
+    select_pair,
+)
+from services.core.formats import mentions_to_image
+from services.core.refine import refine_candidates
+from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
+
+
+@dataclass(frozen=True)
+class PairRules:
+    """The knobs of pair selection; defaults as in the paper."""
+
+    lambda_sem: float = 0.8  # S = λ·S_sem + (1 − λ)·S_loc
+    delta: float = 0.05  # minimum reward margin between chosen and rejected
+    iou_floor: float | None = None  # IoUs below it count as 0 in S_loc
+    run_id: str = ""  # keeps replays with other scorer versions apart
+
+
+def _box(box: common_pb2.Box) -> tuple[float, float, float, float]:
+    return (box.x1, box.y1, box.x2, box.y2)
+
+
+def _gt(region: common_pb2.Region) -> npt.NDArray[np.float64]:
+    return as_box_array([_box(o.box) for o in region.ground_truth])
+
+
+def _by_candidate(scores: list, ids: list[str]) -> dict[str, object]:  # type: ignore[type-arg]
+    found = {s.candidate_id: s for s in scores}
+    return {i: found[i] for i in ids if i in found}
+
+
+def decide(
+    record: describer_pb2.DescriptionRecord,
+    localization: scoring_pb2.LocalizationScoreRecord,
+    semantic: scoring_pb2.SemanticScoreRecord | None,
+    rules: PairRules,
+) -> pairs_pb2.PairDecision:
+    """Exactly one decision for the region of `record`: a pair, or a skip with its reason."""
+    if semantic is None and rules.lambda_sem != 0:
+        raise ValueError("a semantic score record is required unless lambda_sem == 0")
+    ids = [c.candidate_id for c in record.candidates]
+    loc = _by_candidate(list(localization.scores), ids)
+    sem = _by_candidate(list(semantic.scores), ids) if semantic is not None else {}
+    scored = [
+        c for c in record.candidates if c.candidate_id in loc and (semantic is None or c.candidate_id in sem)
+    ]
+    initial = [_initial(c, loc[c.candidate_id], sem.get(c.candidate_id), rules) for c in scored]  # type: ignore[arg-type]
+    refined = _refined(record, scored, loc, initial, rules)  # type: ignore[arg-type]
+    choice = select_pair(initial, refined, rules.delta)
+    return _decision(record, localization, semantic, choice, rules)
+
+
+def _initial(
+    candidate: describer_pb2.Candidate,
+    loc: scoring_pb2.LocalizationScore,
+    sem: scoring_pb2.SemanticScore | None,
+    rules: PairRules,
+) -> ScoredCandidate:
+    s_sem = sem.s_sem if sem is not None else 0.0
+    return ScoredCandidate(
+        candidate_id=candidate.candidate_id,
+        text=candidate.text,
+        s_sem=s_sem,
+        s_loc=loc.s_loc,
+        reward=reward(s_sem, loc.s_loc, rules.lambda_sem),
+        refined=False,
+    )
+
+
+def _refined(
+    record: describer_pb2.DescriptionRecord,
+    candidates: list[describer_pb2.Candidate],
+    loc: dict[str, scoring_pb2.LocalizationScore],
+    initial: list[ScoredCandidate],
+    rules: PairRules,
+) -> list[ScoredCandidate]:
+    """Refine every candidate and re-score its S_loc against GT (S_sem carried over: see module doc)."""
+    if not candidates or not record.frame_width or not record.frame_height:
+        return []
+    frame_w, frame_h = record.frame_width, record.frame_height
+    crop = Box(*_box(record.crop_box))
+    gt = _gt(record.region)
+    parsed = [
+        (c.text, parse(c.text, CoordinateFormat(c.coordinate_format), frame_w, frame_h).mentions)
+        for c in candidates
+    ]
+    fmt = CoordinateFormat(candidates[0].coordinate_format)
+    results = refine_candidates(parsed, gt, fmt, frame_w, frame_h, crop)
+    refined = []
+    for candidate, result, before in zip(candidates, results, initial, strict=True):
+        own = [m.box for m in mentions_to_image(result.mentions, crop, frame_w, frame_h) if m.box is not None]
+        grounded = [_box(g.box) for g in loc[candidate.candidate_id].grounded]
+        s_loc = localization_score(
+            gt, as_box_array([b.as_tuple() for b in own] + grounded), rules.iou_floor
+        ).s_loc
+        refined.append(
+            ScoredCandidate(
+                candidate_id=candidate.candidate_id + "/refined",
+                text=result.text,
+                s_sem=before.s_sem,
+                s_loc=s_loc,
+                reward=reward(before.s_sem, s_loc, rules.lambda_sem),
+                refined=True,
+            )
+        )
+    return refined
+
+
+def _scored_text(c: ScoredCandidate) -> pairs_pb2.ScoredText:
+    return pairs_pb2.ScoredText(
+        candidate_id=c.candidate_id,
+        text=c.text,
+        reward=c.reward,
+        s_loc=c.s_loc,
+        s_sem=c.s_sem,
+        refined=c.refined,
+    )
+
+
+def _lineage(
+    record: describer_pb2.DescriptionRecord,
+    localization: scoring_pb2.LocalizationScoreRecord,
+    semantic: scoring_pb2.SemanticScoreRecord | None,
+    rules: PairRules,
+) -> common_pb2.Lineage:
+    lineage = common_pb2.Lineage()
+    lineage.CopyFrom(record.lineage)
+    lineage.localization_scorer_id = localization.lineage.localization_scorer_id
+    if semantic is not None:
+        lineage.semantic_scorer_id = semantic.lineage.semantic_scorer_id
+    lineage.run_id = rules.run_id
+    return lineage
+
+
+def _decision(
+    record: describer_pb2.DescriptionRecord,
+    localization: scoring_pb2.LocalizationScoreRecord,
+    semantic: scoring_pb2.SemanticScoreRecord | None,
+    choice: PairChoice | SkipDecision,
+    rules: PairRules,
+) -> pairs_pb2.PairDecision:
+    region_id = record.region.region_id
+    lineage = _lineage(record, localization, semantic, rules)
+    if isinstance(choice, SkipDecision):
+        return pairs_pb2.PairDecision(
+            region_id=region_id,
+            skip=pairs_pb2.SkipReason.Value(f"SKIP_REASON_{choice.reason.name}"),
+            detail=choice.detail,
+            lineage=lineage,
+        )
+    pair = pairs_pb2.PreferencePair(
+        pair_id=pair_id(region_id, rules.run_id),
+        region_id=region_id,
+        region=record.region,
+        prompt=record.prompt,
+        prompt_mode=record.prompt_mode,
+        chosen=_scored_text(choice.chosen),
+        rejected=_scored_text(choice.rejected),
+        margin=choice.margin,
+        lambda_sem=rules.lambda_sem,
+        lineage=lineage,
+    )
+    return pairs_pb2.PairDecision(region_id=region_id, pair=pair, lineage=lineage)
