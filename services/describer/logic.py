@@ -201,22 +201,11 @@ class Describer:
         if expected_sha256:
             verify_sha256(data, expected_sha256)
         image = decode_image(data, self.settings.images)
-        bounds = box_to_pixels(request.region, image.width, image.height)
+        bounds = box_to_pixels(request.region, image.width, image.height)  # REGION_* errors
         region = _box(request.region).clip(image.width, image.height)
-        refs = object_references(o.category for o in request.object_refs)
-        if template.kind is PromptKind.CROP_REFS and not refs:
-            raise InvalidRequest(f"template {template.template_id} needs object_refs with categories")
-        crop_box = (
-            Box(*map(float, bounds)) if template.kind.crops else Box(0.0, 0.0, image.width, image.height)
-        )
-        source = image.crop(bounds) if template.kind.crops else image
+        crop_box, source = self._source(template.kind, image, bounds)
         frame_w, frame_h = self._frame_size(source)
-        box_markup = ""
-        if template.kind is PromptKind.FULL_BOX:
-            in_frame = image_to_frame(region, crop_box, frame_w, frame_h)
-            box_markup = self.family.render_region(in_frame, frame_w, frame_h)
-        instruction = template.render(refs=refs, box=box_markup)
-        encoded = self._encode(source, frame_w, frame_h)
+        instruction = self._instruction(template, request, region, crop_box, (frame_w, frame_h))
         return PreparedRegion(
             region_id=request.region_id or _generated_region_id(data, region),
             template=template,
@@ -225,9 +214,42 @@ class Describer:
             frame_width=frame_w,
             frame_height=frame_h,
             policy_request=PolicyRequest(
-                image=encoded, instruction=instruction, sampling=sampling, adapter=request.adapter
+                image=self._encode(source, frame_w, frame_h),
+                instruction=instruction,
+                sampling=sampling,
+                adapter=request.adapter,
             ),
         )
+
+    @staticmethod
+    def _source(
+        kind: PromptKind, image: Image.Image, bounds: tuple[int, int, int, int]
+    ) -> tuple[Box, Image.Image]:
+        """What the model is shown, and where it lies in the full image.
+
+        The crop is cut at integer pixel bounds (every pixel the region touches), and those bounds,
+        not the fractional region, are the offset that maps the model's boxes back.
+        """
+        if kind.crops:
+            return Box(*map(float, bounds)), image.crop(bounds)
+        return Box(0.0, 0.0, float(image.width), float(image.height)), image
+
+    def _instruction(
+        self,
+        template: PromptTemplate,
+        request: describer_pb2.DescribeRegionRequest,
+        region: Box,
+        crop_box: Box,
+        frame: tuple[int, int],
+    ) -> str:
+        refs = object_references(o.category for o in request.object_refs)
+        if template.kind is PromptKind.CROP_REFS and not refs:
+            raise InvalidRequest(f"template {template.template_id} needs object_refs with categories")
+        box_markup = ""
+        if template.kind is PromptKind.FULL_BOX:
+            in_frame = image_to_frame(region, crop_box, *frame)
+            box_markup = self.family.render_region(in_frame, *frame)
+        return template.render(refs=refs, box=box_markup)
 
     def _template(self, request: describer_pb2.DescribeRegionRequest) -> PromptTemplate:
         kind = PromptKind.from_proto(request.prompt_mode)
@@ -258,7 +280,7 @@ class Describer:
             raise InvalidRequest(f"sampling.temperature must be >= 0, got {params.temperature}")
         if not math.isfinite(params.top_p) or not 0 <= params.top_p <= 1:
             raise InvalidRequest(f"sampling.top_p must be in [0, 1], got {params.top_p}")
-        limit = self.settings.max_new_tokens_limit
+        limit = self.settings.max_generation_length
         if not 0 <= params.max_new_tokens <= limit:
             raise InvalidRequest(
                 f"sampling.max_new_tokens must be in [0, {limit}], got {params.max_new_tokens}"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, FilePath, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from services.common.images import ImageLimits
 from services.common.kafka_io import KafkaSettings
@@ -92,7 +92,7 @@ class StageSettings(BaseModel):
         default="",
         description="Adapter (version or alias such as 'latest') the stage samples from; '' = base model.",
     )
-    prompt_modes: tuple[PromptKind, ...] = Field(
+    prompt_modes: Annotated[tuple[PromptKind, ...], NoDecode] = Field(
         default=(PromptKind.CROP, PromptKind.CROP_REFS, PromptKind.FULL_BOX),
         min_length=1,
         description="Prompt modes the stage rotates through, picked per region id (diversified prompts).",
@@ -180,30 +180,46 @@ class DescriberSettings(GrpcServerSettings):
         description="Encoding of the frame sent to Triton (PNG is lossless).",
     )
     max_num_samples: int = Field(default=16, ge=1, description="Largest N a request may ask for.")
-    max_new_tokens_limit: int = Field(
-        default=1024, ge=1, description="Largest max_new_tokens a request may ask for."
+    max_generation_length: int = Field(
+        default=1024, ge=1, description="Largest sampling.max_new_tokens a request may ask for."
     )
-    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
-    images: ImageLimits = Field(default_factory=ImageLimits)
-    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    sampling: SamplingDefaults = Field(
+        default_factory=SamplingDefaults,
+        description="Defaults of request fields left at 0 (SPR_DESCRIBER_SAMPLING__NUM_SAMPLES, ...).",
+    )
+    images: ImageLimits = Field(
+        default_factory=ImageLimits,
+        description="Image limits (SPR_DESCRIBER_IMAGES__MAX_PIXELS, __MAX_BYTES, __ALLOWED_ROOTS, ...).",
+    )
+    retry: RetryPolicy = Field(
+        default_factory=RetryPolicy,
+        description="Retries while Triton is unreachable (SPR_DESCRIBER_RETRY__MAX_ATTEMPTS, ...).",
+    )
     run_id: str = Field(default="", description="Recorded in the lineage; keeps replays apart.")
-    stage: StageSettings = Field(default_factory=StageSettings)
+    stage: StageSettings = Field(
+        default_factory=StageSettings,
+        description="The Kafka stage (SPR_DESCRIBER_STAGE__BOOTSTRAP_SERVERS, __GROUP_ID, __ADAPTER, ...).",
+    )
+
+    @field_validator("model_family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        if value not in FAMILIES:
+            raise ValueError(f"unknown model family {value!r}; known: {', '.join(FAMILIES)}")
+        return value
 
     @model_validator(mode="after")
     def _check_describer(self) -> DescriberSettings:
         if self.sampling.num_samples > self.max_num_samples:
             raise ValueError("sampling.num_samples must not exceed max_num_samples")
-        if self.sampling.max_new_tokens > self.max_new_tokens_limit:
-            raise ValueError("sampling.max_new_tokens must not exceed max_new_tokens_limit")
+        if self.sampling.max_new_tokens > self.max_generation_length:
+            raise ValueError("sampling.max_new_tokens must not exceed max_generation_length")
         self.family()  # unknown family, bad templates or pixel bounds fail at start, not per request
         return self
 
     def family(self) -> ModelFamily:
         """The configured model family with its templates, defaults and pixel bounds applied."""
-        try:
-            base = get_family(self.model_family)
-        except KeyError as exc:
-            raise ValueError(str(exc.args[0])) from None
+        base = get_family(self.model_family)
         extra = [spec.build() for spec in (*self.extra_templates, *self._file_templates())]
         family = base.with_templates(extra, self.default_templates)
         min_pixels, max_pixels = self.min_pixels, self.max_pixels

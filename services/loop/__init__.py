@@ -1,0 +1,1 @@
+"""The SPR loop in one-machine mode: the whole stack on loopback, on embedded defaults."""
