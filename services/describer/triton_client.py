@@ -241,7 +241,7 @@ class TritonPolicyClient:
 
     async def _attempt(self, inputs: list[Any], outputs: list[Any], timeout: float | None) -> PolicyOutput:
         started = time.monotonic()
-        outcome = "ok"
+        outcome = "cancelled"  # unless it returns or raises below
         try:
             result = await self._connection().infer(
                 self.model_name,
@@ -250,7 +250,9 @@ class TritonPolicyClient:
                 outputs=outputs,
                 client_timeout=timeout,
             )
-            return parse_outputs(result)
+            output = parse_outputs(result)
+            outcome = "ok"
+            return output
         except InferenceServerException as exc:
             error = map_triton_error(exc)
             outcome = error.code

@@ -74,7 +74,9 @@ class PolicyRunner:
         self.processor.tokenizer.padding_side = "left"
 
     def build_prompt(self, instruction: str) -> str:
-        messages: Any = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        messages: Any = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}
+        ]
         prompt: str = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return prompt
 

@@ -10,10 +10,10 @@ import time
 from collections.abc import Iterable, Iterator
 
 import grpc
-from spr.v1 import adapters_pb2, adapters_pb2_grpc, describer_pb2, describer_pb2_grpc
 
 from services.common.errors import ImageUndecodable
 from services.common.grpc_server import RegisterFn, service_names
+from spr.v1 import adapters_pb2, adapters_pb2_grpc, describer_pb2, describer_pb2_grpc
 
 
 class MisbehavingAdmin(adapters_pb2_grpc.AdminServicer):

@@ -13,10 +13,10 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
-from spr.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, describer_pb2, describer_pb2_grpc
 
 from services.common.errors import error_code_of
 from services.common.grpc_server import GrpcServer, health_status
+from spr.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, describer_pb2, describer_pb2_grpc
 
 StartServer = Callable[..., GrpcServer]
 ChannelTo = Callable[..., grpc.Channel]

@@ -15,7 +15,6 @@ from pathlib import Path
 import grpc
 import pytest
 from PIL import Image
-from spr.v1 import common_pb2
 
 from services.common import errors
 from services.common.images import (
@@ -26,6 +25,7 @@ from services.common.images import (
     load_image,
     read_image_bytes,
 )
+from spr.v1 import common_pb2
 
 
 def _png(width: int = 40, height: int = 30, mode: str = "RGB") -> bytes:

@@ -9,13 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from services.common.kafka_io import (
     SCHEMA_HEADER,
-    ConsumedRecord,
     KafkaSettings,
-    ProtoConsumer,
     ProtoProducer,
     Topic,
     ensure_topics,
@@ -167,11 +165,8 @@ def test_regions_become_descriptions_and_bad_records_are_dead_lettered(
     assert next(r for r in dlq if r.key == b"r-outside").value == outside.SerializeToString()
     assert next(r for r in dlq if r.key == b"r-alien").value == b"\x0a\x01x"  # verbatim
 
-    # Everything was committed: a new member of the group finds nothing left to do.
-    stage.close()
-    with ProtoConsumer(settings, topics.group_id, [regions]) as consumer:
-        leftovers = [r for _ in range(6) for r in consumer.poll(timeout_ms=500)]
-    assert leftovers == []
+    # Everything was committed, dead letters included.
+    assert stage.consumer.raw.committed(TopicPartition(topics.regions_topic, 0)) == 3
 
 
 def test_a_triton_outage_rewinds_instead_of_dead_lettering(
@@ -190,9 +185,5 @@ def test_a_triton_outage_rewinds_instead_of_dead_lettering(
     assert retried._value.get() - before >= 2
     assert read_all(settings, topics.dead_letter_topic, 1, timeout=1.0) == []
     assert read_all(settings, topics.descriptions_topic, 1, timeout=1.0) == []
-    stage.close()
-    with ProtoConsumer(
-        settings, topics.group_id, [Topic(topics.regions_topic, common_pb2.Region)]
-    ) as consumer:
-        again = [r for _ in range(20) for r in consumer.poll(timeout_ms=500)]
-    assert [r.message for r in again if isinstance(r, ConsumedRecord)] == [sent]  # never committed
+    # Not committed either: after a restart the group starts from this record again.
+    assert stage.consumer.raw.committed(TopicPartition(topics.regions_topic, 0)) is None

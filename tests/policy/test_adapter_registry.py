@@ -100,4 +100,5 @@ def test_unknown_adapter_and_wrong_base_are_refused(
     with pytest.raises(AdapterNotFound, match="trained on"):
         runner.adapters.resolve(manifest.version)
     with pytest.raises(AdapterNotFound, match="no adapter store"):
-        PolicyRunner(str(tiny_policy_path)).adapters.resolve("latest")
+        PolicyRunner(str(tiny_policy_path)).adapters.resolve("spr-v1-00000000")
+    assert PolicyRunner(str(tiny_policy_path)).adapters.resolve("latest") == ""  # unset alias = base

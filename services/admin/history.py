@@ -1,0 +1,164 @@
+"""The ``adapters`` topic as the admin sees it: manifests, aliases, and each alias's trail.
+
+:class:`AdapterHistory` is the state of ``services.policy.follower.AdapterTopicState`` (manifests and
+the alias map, same ``apply``) plus, per alias, the *trail* of versions rollback walks back along.
+It lives here rather than being imported because the follower module pulls in PEFT and torch
+(~6 s of start-up and a few hundred MB for a service that only reads a topic).
+
+The trail rule: moving an alias to a version already on its trail returns to it (the versions after
+it are dropped); moving it to any other version appends. So promote v1, v2, v3, rollback (-> v2),
+rollback (-> v1) walks back as an operator expects, and a second rollback never bounces back to the
+version just rolled back from. The trail is only as long as what this process has read: the topic is
+compacted, so after a restart an alias may be known only by its last move. Rollback then needs an
+explicit ``to_version``.
+
+:class:`AdapterTopicReader` keeps one consumer (no group: the admin needs the whole state, not a
+share) and, on each :meth:`~AdapterTopicReader.sync`, reads up to the end offsets of that moment,
+so a caller sees every move acknowledged before it asked, its own included.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+
+from services.common.errors import UpstreamUnavailable
+from services.common.kafka_io import KafkaSettings, UndecodableRecord, decode_record, ensure_topics
+from services.common.topics import adapters_topic
+from spr.v1 import adapters_pb2
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterHistory:
+    """What the topic says: published manifests, each alias's last move, and its trail of versions."""
+
+    manifests: dict[str, adapters_pb2.AdapterManifest] = field(default_factory=dict)
+    moves: dict[str, adapters_pb2.AliasUpdate] = field(default_factory=dict)
+    trails: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Alias -> version, as replicas see it ("" = the base model)."""
+        return {alias: update.version for alias, update in self.moves.items()}
+
+    def apply(self, event: adapters_pb2.AdapterEvent) -> None:
+        """Fold one topic event into the state."""
+        kind = event.WhichOneof("event")
+        if kind == "published":
+            self.manifests[event.published.version] = event.published
+        elif kind == "alias":
+            self._move(event.alias)
+
+    def _move(self, update: adapters_pb2.AliasUpdate) -> None:
+        self.moves[update.alias] = update
+        trail = self.trails.setdefault(update.alias, [])
+        if update.version in trail:
+            del trail[trail.index(update.version) + 1 :]
+        else:
+            trail.append(update.version)
+
+    def current(self, alias: str) -> str | None:
+        """The version ``alias`` names, or None when it was never set."""
+        update = self.moves.get(alias)
+        return None if update is None else update.version
+
+    def previous(self, alias: str) -> str | None:
+        """The version ``alias`` named before its current one, or None when not on record."""
+        trail = self.trails.get(alias, [])
+        return trail[-2] if len(trail) >= 2 else None
+
+
+class AdapterTopicReader:
+    """Reads the compacted ``adapters`` topic incrementally; thread-safe."""
+
+    def __init__(self, kafka: KafkaSettings, *, sync_timeout_s: float = 10.0, poll_timeout_ms: int = 100):
+        self.kafka = kafka
+        self.topic = adapters_topic()
+        self.sync_timeout_s = sync_timeout_s
+        self.poll_timeout_ms = poll_timeout_ms
+        self._lock = threading.Lock()
+        self._consumer: Any = None
+        self._assigned: list[TopicPartition] = []
+        self._history = AdapterHistory()
+
+    def sync(self) -> AdapterHistory:
+        """A copy of the state after every event acknowledged before this call.
+
+        Raises :class:`UpstreamUnavailable` when the broker cannot be read; the next call starts over
+        from the beginning of the topic.
+        """
+        with self._lock:
+            try:
+                self._catch_up()
+            except KafkaError as exc:
+                self._reset()
+                raise UpstreamUnavailable(f"cannot read the adapters topic: {exc}") from exc
+            return copy.deepcopy(self._history)
+
+    def close(self) -> None:
+        """Close the consumer."""
+        with self._lock:
+            self._reset()
+
+    def _connect(self) -> Any:
+        if self._consumer is None:
+            ensure_topics(self.kafka, [self.topic])  # the admin may start before any trainer
+            self._consumer = KafkaConsumer(
+                **self.kafka.common_kwargs(),
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            self._history = AdapterHistory()
+        if not self._assigned:
+            self._assign()
+        return self._consumer
+
+    def _assign(self) -> None:
+        partitions = self._consumer.partitions_for_topic(self.topic.name) or set()
+        self._assigned = [TopicPartition(self.topic.name, p) for p in sorted(partitions)]
+        if self._assigned:
+            self._consumer.assign(self._assigned)
+            self._consumer.seek_to_beginning(*self._assigned)
+
+    def _catch_up(self) -> None:
+        consumer = self._connect()
+        if not self._assigned:
+            return  # topic metadata not there yet: nothing was ever published
+        end_offsets = consumer.end_offsets(self._assigned)
+        deadline = time.monotonic() + self.sync_timeout_s
+        while any(consumer.position(tp) < end for tp, end in end_offsets.items()):
+            if time.monotonic() > deadline:
+                raise UpstreamUnavailable(
+                    f"reading the adapters topic up to its end took over {self.sync_timeout_s:g}s"
+                )
+            self._poll_once(consumer)
+
+    def _poll_once(self, consumer: Any) -> None:
+        for records in consumer.poll(timeout_ms=self.poll_timeout_ms).values():
+            for record in records:
+                if record.value is None:  # tombstone: compaction removed the key
+                    continue
+                decoded = decode_record(self.topic, record)
+                if isinstance(decoded, UndecodableRecord):
+                    _LOG.error("skipping adapters record %s:%s: %s", record.partition, record.offset, decoded.reason)
+                    continue
+                self._history.apply(decoded.message)
+
+    def _reset(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close()
+            except Exception:  # closing a broken client must not hide the error that broke it
+                _LOG.debug("closing the adapters consumer failed", exc_info=True)
+        self._consumer = None
+        self._assigned = []
