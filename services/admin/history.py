@@ -150,7 +150,9 @@ class AdapterTopicReader:
                     continue
                 decoded = decode_record(self.topic, record)
                 if isinstance(decoded, UndecodableRecord):
-                    _LOG.error("skipping adapters record %s:%s: %s", record.partition, record.offset, decoded.reason)
+                    _LOG.error(
+                        "skipping adapters record %s:%s: %s", record.partition, record.offset, decoded.reason
+                    )
                     continue
                 self._history.apply(decoded.message)
 

@@ -23,7 +23,9 @@ PROMOTIONS_REFUSED = metrics.counter(
     ("alias", "reason"),
 )
 GATE_SKIPPED = metrics.counter(
-    "spr_admin_eval_gate_skipped", "Promotions of gated aliases that skipped the eval gate, by alias.", ("alias",)
+    "spr_admin_eval_gate_skipped",
+    "Promotions of gated aliases that skipped the eval gate, by alias.",
+    ("alias",),
 )
 REPLICA_SCRAPES = metrics.counter(
     "spr_admin_replica_scrapes", "Scrapes of policy replica metrics, by outcome (ok/error).", ("outcome",)

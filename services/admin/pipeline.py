@@ -18,6 +18,7 @@ does not export them yet.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -50,7 +51,7 @@ class StageLag:
 
 
 @dataclass(frozen=True)
-class _Offsets:
+class TopicOffsets:
     """Earliest and latest offset of every existing partition of the topics asked for."""
 
     earliest: dict[TopicPartition, int]
@@ -58,10 +59,14 @@ class _Offsets:
 
     def partitions(self, topics: Iterable[str]) -> list[TopicPartition]:
         wanted = set(topics)
-        return sorted((tp for tp in self.latest if tp.topic in wanted), key=lambda tp: (tp.topic, tp.partition))
+        return sorted(
+            (tp for tp in self.latest if tp.topic in wanted), key=lambda tp: (tp.topic, tp.partition)
+        )
 
 
-def stage_lag(offsets: _Offsets, committed: dict[TopicPartition, int], topics: Sequence[str]) -> tuple[int, int]:
+def stage_lag(
+    offsets: TopicOffsets, committed: dict[TopicPartition, int], topics: Sequence[str]
+) -> tuple[int, int]:
     """``(lag, committed total)`` of a group over ``topics``; never negative per partition."""
     lag = total = 0
     for tp in offsets.partitions(topics):
@@ -128,20 +133,20 @@ class PipelineStatsReader:
         return self._admin
 
     @staticmethod
-    def _offsets(admin: Any, topics: set[str]) -> _Offsets:
+    def _offsets(admin: Any, topics: set[str]) -> TopicOffsets:
         partitions = []
         for entry in admin.describe_topics(sorted(topics)):
             if entry["error_code"] == _UNKNOWN_TOPIC:
                 continue  # e.g. a dead-letter topic no failure has created yet
             partitions += [TopicPartition(entry["name"], p["partition_index"]) for p in entry["partitions"]]
         if not partitions:
-            return _Offsets({}, {})
+            return TopicOffsets({}, {})
 
         def lookup(spec: OffsetSpec) -> dict[TopicPartition, int]:
             found = admin.list_partition_offsets({tp: spec for tp in partitions})
             return {tp: int(value.offset) for tp, value in found.items()}
 
-        return _Offsets(lookup(OffsetSpec.EARLIEST), lookup(OffsetSpec.LATEST))
+        return TopicOffsets(lookup(OffsetSpec.EARLIEST), lookup(OffsetSpec.LATEST))
 
     @staticmethod
     def _committed(admin: Any, group_id: str) -> dict[TopicPartition, int]:
@@ -164,8 +169,7 @@ class PipelineStatsReader:
 
     def _reset(self) -> None:
         if self._admin is not None:
-            try:
+            # Closing a broken client must not hide the error that broke it.
+            with contextlib.suppress(Exception):
                 self._admin.close()
-            except Exception:  # closing a broken client must not hide the error that broke it
-                pass
         self._admin = None

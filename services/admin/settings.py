@@ -54,7 +54,9 @@ DEFAULT_STAGES: tuple[StageSpec, ...] = (
     StageSpec(stage="describer", group_id="spr-describer", topics=(REGIONS,)),
     StageSpec(stage="localization", group_id="spr-localization", topics=(DESCRIPTIONS,)),
     StageSpec(stage="semantic", group_id="spr-semantic", topics=(DESCRIPTIONS,)),
-    StageSpec(stage="pair_builder", group_id="spr-pair-builder", topics=(SCORES_LOCALIZATION, SCORES_SEMANTIC)),
+    StageSpec(
+        stage="pair_builder", group_id="spr-pair-builder", topics=(SCORES_LOCALIZATION, SCORES_SEMANTIC)
+    ),
     StageSpec(stage="trainer", group_id="spr-trainer", topics=(PAIRS,)),
 )
 
@@ -83,7 +85,8 @@ class AdminSettings(GrpcServerSettings):
         default=10.0, gt=0, description="Longest wait to read the `adapters` topic up to its end."
     )
     adapter_store: str = Field(
-        default=".spr/adapters", description="Adapter store root (a directory or file:// URI), as the trainer's."
+        default=".spr/adapters",
+        description="Adapter store root (a directory or file:// URI), as the trainer's.",
     )
     base_model_id: str = Field(
         default="",

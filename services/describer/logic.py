@@ -170,6 +170,8 @@ class Describer:
             prompt_mode=prepared.template.kind.proto,
             prompt=prepared.instruction,
             crop_box=_box_proto(prepared.crop_box),
+            frame_width=prepared.frame_width,
+            frame_height=prepared.frame_height,
         )
 
     def stage_prompt_kind(self, region: common_pb2.Region) -> PromptKind:

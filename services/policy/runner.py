@@ -74,11 +74,7 @@ class PolicyRunner:
         self.processor.tokenizer.padding_side = "left"
 
     def build_prompt(self, instruction: str) -> str:
-        messages: Any = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}
-        ]
-        prompt: str = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return prompt
+        return chat_prompt(self.processor, instruction)
 
     def resolve_adapters(self, requests: list[GenerationRequest]) -> list[str]:
         """The version each request will use; raises AdapterNotFound for an unknown one."""
@@ -149,6 +145,13 @@ class PolicyRunner:
                 GenerationResult(texts=[_strip_special(t, self.processor) for t in texts], token_logprobs=lps)
             )
         return results
+
+
+def chat_prompt(processor: Any, instruction: str) -> str:
+    """One user turn holding the image then the instruction, in the processor's own chat template."""
+    messages: Any = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    prompt: str = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt
 
 
 def _group(requests: list[GenerationRequest], versions: list[str]) -> dict[tuple[str, Sampling], list[int]]:

@@ -151,6 +151,9 @@ def test_regions_become_descriptions_and_bad_records_are_dead_lettered(
     assert record.lineage.prompt_template_id.startswith("qwen25-vl/")
     assert record.lineage.sampler_version == "test-sampler/1"
     assert record.prompt and record.prompt_mode != describer_pb2.PROMPT_MODE_UNSPECIFIED
+    # The frame the model saw: a multiple of the tiny processor's 28-pixel grid.
+    assert record.frame_width > 0 and record.frame_height > 0
+    assert record.frame_width % 28 == 0 and record.frame_height % 28 == 0
     if record.prompt_mode == describer_pb2.PROMPT_MODE_FULL_IMAGE_BOX:
         assert record.crop_box == common_pb2.Box(x1=0, y1=0, x2=200, y2=150)
     else:
