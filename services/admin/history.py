@@ -29,6 +29,7 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from services.admin.settings import fail_fast
 from services.common.errors import UpstreamUnavailable
 from services.common.kafka_io import KafkaSettings, UndecodableRecord, decode_record, ensure_topics
 from services.common.topics import adapters_topic
@@ -111,14 +112,17 @@ class AdapterTopicReader:
 
     def _connect(self) -> Any:
         if self._consumer is None:
-            ensure_topics(self.kafka, [self.topic])  # the admin may start before any trainer
             self._consumer = KafkaConsumer(
                 **self.kafka.common_kwargs(),
+                **fail_fast(self.kafka),
                 group_id=None,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
             )
             self._history = AdapterHistory()
+            # After the consumer: it fails fast on a dead broker, ensure_topics' own client does not.
+            self._consumer.topics()
+            ensure_topics(self.kafka, [self.topic])  # the admin may start before any trainer
         if not self._assigned:
             self._assign()
         return self._consumer

@@ -31,7 +31,7 @@ from kafka.admin import OffsetSpec
 from kafka.errors import KafkaError
 
 from services.admin import metrics
-from services.admin.settings import StageSpec
+from services.admin.settings import StageSpec, fail_fast
 from services.common.errors import UpstreamUnavailable
 from services.common.kafka_io import KafkaSettings
 
@@ -129,7 +129,7 @@ class PipelineStatsReader:
 
     def _connect(self) -> Any:
         if self._admin is None:
-            self._admin = KafkaAdminClient(**self.kafka.admin_kwargs())
+            self._admin = KafkaAdminClient(**self.kafka.admin_kwargs(), **fail_fast(self.kafka))
         return self._admin
 
     @staticmethod

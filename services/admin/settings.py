@@ -7,7 +7,7 @@ Lists are comma-separated or JSON (``SPR_ADMIN_REPLICA_METRICS_URLS=http://a:800
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -64,6 +64,14 @@ DEFAULT_STAGES: tuple[StageSpec, ...] = (
 DEFAULT_EVAL_GATE: dict[str, float] = {"eval_preference_accuracy": 0.01, "eval_reward_margin": 0.05}
 
 
+def fail_fast(kafka: KafkaSettings) -> dict[str, Any]:
+    """kafka-python client overrides so that an unreachable broker fails an RPC within its timeout.
+
+    Its clients otherwise wait 30 s (``bootstrap_timeout_ms``) for a first connection.
+    """
+    return {"bootstrap_timeout_ms": kafka.request_timeout_ms}
+
+
 class AdminSettings(GrpcServerSettings):
     """Everything the admin service reads at start."""
 
@@ -79,7 +87,9 @@ class AdminSettings(GrpcServerSettings):
         default=None, description="Pin the Kafka protocol version, e.g. '2.0' (noida); unset = negotiate."
     )
     kafka_request_timeout_ms: int = Field(
-        default=10_000, ge=100, description="Timeout of one Kafka request (offsets, produce, metadata)."
+        default=10_000,
+        ge=1000,
+        description="Timeout of one Kafka request (offsets, produce, metadata) and of a first connection.",
     )
     topic_sync_timeout_s: float = Field(
         default=10.0, gt=0, description="Longest wait to read the `adapters` topic up to its end."

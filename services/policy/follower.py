@@ -48,7 +48,8 @@ class AdapterFollower:
         registry: AdapterRegistry,
         kafka: KafkaSettings,
         on_event: Callable[[adapters_pb2.AdapterEvent, float], None] | None = None,
-        poll_timeout_ms: int = 50,
+        poll_timeout_ms: int = 0,
+        idle_s: float = 0.25,
     ) -> None:
         self.registry = registry
         self.kafka = kafka
@@ -56,6 +57,7 @@ class AdapterFollower:
         self.state = AdapterTopicState()
         self.on_event = on_event
         self.poll_timeout_ms = poll_timeout_ms
+        self.idle_s = idle_s
         self.consumer = KafkaConsumer(
             **kafka.common_kwargs(), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
         )
@@ -87,8 +89,14 @@ class AdapterFollower:
             self._apply_state()
             self.caught_up.set()
             while not self._stop.is_set():
-                for event in self._poll():
+                events = self._poll()
+                for event in events:
                     self._apply_live(event)
+                if not events:
+                    # Sleep between short polls rather than long-poll: a consumer waiting in poll() keeps
+                    # taking the GIL from generation in this process (brokers that answer empty fetches
+                    # at once make it spin), and adapter events are rare. Costs at most idle_s of latency.
+                    self._stop.wait(self.idle_s)
         except Exception:  # a follower that dies silently would freeze the replica on old adapters
             log.exception("adapter follower stopped")
             raise

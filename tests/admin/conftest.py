@@ -72,7 +72,9 @@ def publish(store: AdapterStore, tmp_path: Path) -> Publish:
     def run(
         round_index: int, metrics: dict[str, float] | None = None, base_model: str = BASE_MODEL
     ) -> adapters_pb2.AdapterManifest:
-        folder = write_fake_adapter(tmp_path / f"fake-{round_index}-{base_model.replace('/', '_')}", round_index)
+        folder = write_fake_adapter(
+            tmp_path / f"fake-{round_index}-{base_model.replace('/', '_')}", round_index
+        )
         manifest = adapters_pb2.AdapterManifest(base_model_id=base_model, metrics=metrics or {})
         return store.publish(folder, manifest, round_index=round_index)
 

@@ -161,8 +161,15 @@ def test_promote_refuses_corrupt_versions_and_other_base_models(
     assert error_code_of(error) == "ADAPTER_BASE_MISMATCH"  # type: ignore[arg-type]
 
 
-def test_stable_moves_only_through_the_eval_gate_unless_skipped(admin: AdminHarness, publish: Publish) -> None:
-    good, worse, close, unevaluated = publish(1, GOOD), publish(2, WORSE), publish(3, ABOUT_AS_GOOD), publish(4)
+def test_stable_moves_only_through_the_eval_gate_unless_skipped(
+    admin: AdminHarness, publish: Publish
+) -> None:
+    good, worse, close, unevaluated = (
+        publish(1, GOOD),
+        publish(2, WORSE),
+        publish(3, ABOUT_AS_GOOD),
+        publish(4),
+    )
 
     def promote(version: str, skip: bool = False) -> adapters_pb2.AliasResponse:
         request = adapters_pb2.PromoteRequest(version=version, alias="stable", skip_eval_gate=skip)
@@ -231,18 +238,31 @@ def test_trigger_training_is_unimplemented(admin: AdminHarness) -> None:
     assert "trainer" in (error.details() or "")
 
 
+@pytest.mark.parametrize("connected_before", [True, False], ids=["connected", "never-connected"])
 def test_broker_down_is_unavailable_and_the_service_recovers(
-    admin_factory: Callable[..., AdminHarness], broker: BrokerProcess, publish: Publish
+    admin_factory: Callable[..., AdminHarness],
+    broker: BrokerProcess,
+    publish: Publish,
+    connected_before: bool,
 ) -> None:
     admin = admin_factory(kafka_request_timeout_ms=1500, topic_sync_timeout_s=3.0)
     version = publish(1).version
+    if connected_before:
+        admin.stub.ListAdapters(adapters_pb2.ListAdaptersRequest(), timeout=30)
+        admin.stub.GetPipelineStats(adapters_pb2.PipelineStatsRequest(), timeout=30)
     broker.stop()
     started = time.monotonic()
-    error = rpc_error(
-        lambda: admin.stub.Promote(adapters_pb2.PromoteRequest(version=version, alias="latest"), timeout=60)
-    )
-    assert error.code() is grpc.StatusCode.UNAVAILABLE, error.details()
+    calls: list[Callable[[], Any]] = [
+        lambda: admin.stub.Promote(adapters_pb2.PromoteRequest(version=version, alias="latest"), timeout=60),
+        lambda: admin.stub.ListAdapters(adapters_pb2.ListAdaptersRequest(), timeout=60),
+        lambda: admin.stub.GetPipelineStats(adapters_pb2.PipelineStatsRequest(), timeout=60),
+    ]
+    for call in calls:
+        error = rpc_error(call)
+        assert error.code() is grpc.StatusCode.UNAVAILABLE, error.details()
+        assert error_code_of(error) == "UPSTREAM_UNAVAILABLE"  # type: ignore[arg-type]
     assert time.monotonic() - started < 30
     broker.start()
     response = admin.stub.Promote(adapters_pb2.PromoteRequest(version=version, alias="latest"), timeout=60)
     assert response.alias.version == version
+    assert admin.stub.GetPipelineStats(adapters_pb2.PipelineStatsRequest(), timeout=60).stages

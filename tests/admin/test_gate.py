@@ -31,7 +31,9 @@ def test_candidate_against_the_current_version(candidate: dict[str, float], pass
 
 
 def test_without_a_current_version_the_candidate_only_needs_its_metrics() -> None:
-    assert evaluate_gate({"eval_preference_accuracy": 0.1, "eval_reward_margin": -1.0}, None, TOLERANCES).passed
+    assert evaluate_gate(
+        {"eval_preference_accuracy": 0.1, "eval_reward_margin": -1.0}, None, TOLERANCES
+    ).passed
 
 
 @pytest.mark.parametrize(

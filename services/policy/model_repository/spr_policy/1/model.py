@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 import triton_python_backend_utils as pb_utils  # provided by Triton's python backend stub
 
 from services.adapters.store import AdapterStore
@@ -77,6 +78,9 @@ class TritonPythonModel:
         )
         self._init_metrics()
         self.follower = self._start_follower(cfg)
+        pb_utils.Logger.log_info(
+            f"spr_policy: {cfg['model_path']} on {self.runner.device}, torch threads {torch.get_num_threads()}"
+        )
 
     def _start_follower(self, cfg: dict[str, str]) -> AdapterFollower | None:
         if not cfg["kafka_bootstrap"]:
