@@ -23,6 +23,7 @@ asked, each named model's ``/v2/models/<name>/ready``).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -35,7 +36,6 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from importlib import resources
 from pathlib import Path
 
 from services.devstack.process import (
@@ -74,10 +74,12 @@ class TritonDist:
     @classmethod
     def locate(cls) -> TritonDist:
         """Find the bundled server, backend, stub for this Python version and libraries."""
-        try:
-            root = Path(str(resources.files("pytriton"))) / "tritonserver"
-        except ModuleNotFoundError as exc:
-            raise FileNotFoundError("nvidia-pytriton is not installed (pip install -e .[devstack])") from exc
+        # find_spec, not an import: only the bundled binaries are needed, and importing pytriton
+        # would pull in its Python client and its own dependency pins (numpy<2, pyzmq, ...).
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("nvidia-pytriton is not installed (pip install -e .[devstack])")
+        root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
         dist = cls(
             server_binary=root / "bin" / "tritonserver",

@@ -10,17 +10,28 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
+
+# Triton's python stub embeds the interpreter without reading PYTHONPATH; honour it, so that the
+# project also loads from a source checkout or a `pip install --target` directory.
+sys.path.extend(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path)
 
 import numpy as np
 import torch
-import triton_python_backend_utils as pb_utils  # provided by Triton's python backend stub
+import triton_python_backend_utils as pb_utils
 
 from services.adapters.store import AdapterStore
 from services.common.kafka_io import KafkaSettings
 from services.policy.adapters import AdapterNotFound
 from services.policy.follower import AdapterFollower
-from services.policy.runner import GenerationRequest, GenerationResult, PolicyRunner, Sampling, decode_image
+from services.policy.runner import (
+    GenerationRequest,
+    GenerationResult,
+    PolicyRunner,
+    Sampling,
+    decode_image,
+)
 
 SETTINGS = (
     "model_path",
@@ -79,7 +90,7 @@ class TritonPythonModel:
         self._init_metrics()
         self.follower = self._start_follower(cfg)
         pb_utils.Logger.log_info(
-            f"spr_policy: {cfg['model_path']} on {self.runner.device}, torch threads {torch.get_num_threads()}"
+            f"spr_policy: {cfg['model_path']} on {self.runner.device}, {torch.get_num_threads()} threads"
         )
 
     def _start_follower(self, cfg: dict[str, str]) -> AdapterFollower | None:
