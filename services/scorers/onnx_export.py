@@ -1,0 +1,281 @@
+"""``spr-export-onnx``: export a grounding model or a CLIP/SigLIP dual encoder to ONNX, check parity.
+
+    spr-export-onnx MODEL_DIR OUT_DIR            # model type decides: grounding-dino, owlv2, clip, siglip
+    spr-export-onnx MODEL_DIR OUT_DIR --opset 20 --tolerance 1e-3
+
+The output folder holds the graph(s), the processor files and ``manifest.json`` (family, graphs, fixed
+shapes, special tokens, source): what the ``onnx`` backends of both scorers load. After exporting, the
+same inputs go through PyTorch and onnxruntime and the max abs difference of every output is printed;
+the command fails (exit 1) when it is above the tolerance.
+
+Export notes (why the graphs look the way they do):
+
+* the TorchScript exporter is used (``dynamo=False``): the dynamo one needs onnxscript, absent here;
+* Grounding DINO's text masks come in as inputs (:class:`DinoExportModule`), and its deformable
+  attention traces its sampling grid as float64, which onnxruntime's GridSample rejects, so a Cast to
+  float32 is inserted in front of every GridSample grid;
+* shapes are fixed (the scorers pad and chunk to them), except the text batch of dual encoders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+from transformers import PreTrainedModel, ProcessorMixin
+
+from services.modelzoo.loading import load_clip, load_grounding_model
+from services.scorers.localization import backends as grounding
+from services.scorers.onnx_runtime import MANIFEST, Arrays, OnnxRunner, TorchRunner
+from services.scorers.semantic import backends as semantic
+
+DEFAULT_OPSET = 20
+DEFAULT_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Max abs difference between PyTorch and onnxruntime for one output of one graph."""
+
+    graph: str
+    output: int
+    max_abs_diff: float
+
+
+def export_graph(
+    module: torch.nn.Module,
+    feed: Arrays,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    path: Path,
+    opset: int,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> None:
+    """Trace ``module`` on ``feed`` and write an onnxruntime-loadable graph to ``path``."""
+    args = tuple(torch.from_numpy(feed[name]) for name in input_names)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on fixed shapes
+        torch.onnx.export(
+            module.eval(),
+            args,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            opset_version=opset,
+            dynamic_axes=dynamic_axes,
+            dynamo=False,
+        )
+    _cast_grid_sample_grids(path)
+
+
+def _cast_grid_sample_grids(path: Path) -> None:
+    """Insert ``Cast(to=float)`` before each GridSample grid (see the module docstring)."""
+    model = onnx.load(str(path))
+    nodes: list[Any] = []
+    changed = False
+    for node in model.graph.node:
+        if node.op_type == "GridSample":
+            cast_output = node.input[1] + "_as_float"
+            nodes.append(helper.make_node("Cast", [node.input[1]], [cast_output], to=TensorProto.FLOAT))
+            node.input[1] = cast_output
+            changed = True
+        nodes.append(node)
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        onnx.save(model, str(path))
+
+
+def parity(graph: str, torch_runner: TorchRunner, onnx_runner: OnnxRunner, feed: Arrays) -> list[Parity]:
+    """Run both engines on ``feed``; max abs difference per output."""
+    expected, got = torch_runner(feed), onnx_runner(feed)
+    return [Parity(graph, i, max_abs_diff(e, g)) for i, (e, g) in enumerate(zip(expected, got, strict=True))]
+
+
+def max_abs_diff(expected: np.ndarray[Any, Any], got: np.ndarray[Any, Any]) -> float:
+    """Max abs difference; equal entries count 0 even when infinite (DINO masks padded text with -inf)."""
+    if expected.shape != got.shape:
+        return float("inf")
+    with np.errstate(invalid="ignore"):
+        diff = np.where(expected == got, 0.0, np.abs(expected.astype(np.float64) - got))
+    return float(np.nan_to_num(diff, nan=np.inf).max()) if diff.size else 0.0
+
+
+# --- grounding models -----------------------------------------------------------------------------
+
+
+def grounding_sample_feed(family: str, grounder: grounding.Grounder) -> Arrays:
+    """A representative input of the fixed shapes (a random image, a few phrases)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    if isinstance(grounder, grounding.DinoGrounder):
+        feed, _ = grounder._text_inputs(["red circle", "blue square", "a person on a bike"])
+        feed.update(grounding.image_inputs(grounder.processor, image, grounder.image_size))
+        feed["pixel_mask"] = np.ones((1, grounder.image_size, grounder.image_size), dtype=np.int64)
+        return feed
+    assert isinstance(grounder, grounding.OwlGrounder)
+    text = grounder.tokenizer(
+        ["red circle", "blue square"] + [""] * (grounder.max_queries - 2),
+        padding="max_length",
+        truncation=True,
+        max_length=grounder.text_length,
+        return_tensors="np",
+    )
+    return {
+        "input_ids": text["input_ids"].astype(np.int64),
+        "attention_mask": text["attention_mask"].astype(np.int64),
+        **grounding.image_inputs(grounder.processor, image, grounder.image_size),
+    }
+
+
+def export_grounding(
+    model: PreTrainedModel, processor: ProcessorMixin, out: Path, opset: int, source: str
+) -> list[Parity]:
+    """Export a Grounding DINO / OWLv2 model to ``out/model.onnx``; parity of its two outputs."""
+    family = grounding.family_of(model)
+    module, names = grounding.torch_module(family, model)
+    shapes = grounding.default_shapes(family, model, processor)
+    special = grounding._special_tokens(model)
+    torch_runner = TorchRunner(module, names)
+    grounder = grounding.build_grounder(
+        family, torch_runner, processor, shapes, special, family, grounding.GroundingOptions()
+    )
+    feed = grounding_sample_feed(family, grounder)
+    export_graph(module, feed, names, ("logits", "pred_boxes"), out / "model.onnx", opset)
+    _write_manifest(out, processor, family, {"model": "model.onnx"}, shapes, source, special)
+    return parity("model", torch_runner, OnnxRunner(out / "model.onnx"), feed)
+
+
+# --- dual encoders --------------------------------------------------------------------------------
+
+
+def export_dual_encoder(
+    model: PreTrainedModel, processor: ProcessorMixin, out: Path, opset: int, source: str
+) -> list[Parity]:
+    """Export the vision and text towers of CLIP / SigLIP; parity of every output."""
+    from PIL import Image
+
+    family = semantic.family_of(model)
+    shapes = semantic.default_shapes(model, processor)
+    vision = TorchRunner(semantic.VisionTower(model), semantic.VISION_INPUTS)
+    text = TorchRunner(semantic.TextTower(model), semantic.TEXT_INPUTS)
+    encoder = semantic.DualEncoder(vision, text, processor, name=family, **shapes)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    captured: dict[str, Arrays] = {}
+    encoder.vision = _Capture(vision, "vision", captured)
+    encoder.text = _Capture(text, "text", captured)
+    encoder.encode_region(image, (10, 20, 90, 80))
+    encoder.encode_texts(["a red circle.", "two people ride bikes on a street"])
+    export_graph(
+        vision.module,
+        captured["vision"],
+        semantic.VISION_INPUTS,
+        ("image_embeds", "region_embeds"),
+        out / "vision.onnx",
+        opset,
+    )
+    batch = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "text_embeds": {0: "batch"}}
+    export_graph(
+        text.module, captured["text"], semantic.TEXT_INPUTS, ("text_embeds",), out / "text.onnx", opset, batch
+    )
+    graphs = {"vision": "vision.onnx", "text": "text.onnx"}
+    _write_manifest(out, processor, family, graphs, shapes, source, [])
+    # Parity on a text batch of another size than the traced one, so the dynamic axis is checked too.
+    more_text = encoder_text_feed(encoder, ["one", "a second, longer sentence", "third."])
+    return [
+        *parity("vision", vision, OnnxRunner(out / "vision.onnx"), captured["vision"]),
+        *parity("text", text, OnnxRunner(out / "text.onnx"), more_text),
+    ]
+
+
+class _Capture:
+    """A runner that records its first feed: the exact preprocessed inputs to trace the towers on."""
+
+    def __init__(self, runner: TorchRunner, key: str, store: dict[str, Arrays]) -> None:
+        self.runner, self.key, self.store = runner, key, store
+
+    def __call__(self, feed: Arrays) -> list[np.ndarray[Any, np.dtype[np.float32]]]:
+        self.store.setdefault(self.key, feed)
+        return self.runner(feed)
+
+
+def encoder_text_feed(encoder: semantic.DualEncoder, texts: Sequence[str]) -> Arrays:
+    """The text-tower feed of ``texts`` (same tokenization as :meth:`DualEncoder.encode_texts`)."""
+    tokens = encoder.tokenizer(
+        list(texts),
+        padding="max_length",
+        truncation=True,
+        max_length=encoder.text_length,
+        return_tensors="np",
+    )
+    return {k: tokens[k].astype(np.int64) for k in semantic.TEXT_INPUTS}
+
+
+# --- command --------------------------------------------------------------------------------------
+
+
+def _write_manifest(
+    out: Path,
+    processor: ProcessorMixin,
+    family: str,
+    graphs: dict[str, str],
+    shapes: dict[str, int],
+    source: str,
+    special_tokens: Sequence[int],
+) -> None:
+    processor.save_pretrained(str(out))
+    manifest = {
+        "family": family,
+        "graphs": graphs,
+        "shapes": shapes,
+        "special_tokens": list(special_tokens),
+        "source": source,
+        "torch": torch.__version__,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def export(model_path: str | Path, out: str | Path, opset: int = DEFAULT_OPSET) -> list[Parity]:
+    """Export whatever ``model_path`` holds (grounding model or dual encoder) into ``out``."""
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    model_type = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))["model_type"]
+    if model_type in ("clip", "siglip"):
+        model, processor = load_clip(model_path)
+        return export_dual_encoder(model, processor, target, opset, str(model_path))
+    model, processor = load_grounding_model(model_path)
+    return export_grounding(model, processor, target, opset, str(model_path))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point (``spr-export-onnx``)."""
+    parser = argparse.ArgumentParser(prog="spr-export-onnx", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="transformers checkpoint folder (Grounding DINO, OWLv2, CLIP, SigLIP)")
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
+    args = parser.parse_args(argv)
+    results = export(args.model, args.out, args.opset)
+    worst = max(r.max_abs_diff for r in results)
+    for r in results:
+        print(f"parity {r.graph}[{r.output}]: max abs diff {r.max_abs_diff:.3g}")
+    verdict = "OK" if worst <= args.tolerance else "FAILED"
+    print(f"{verdict}: max abs diff {worst:.3g} (tolerance {args.tolerance})")
+    return 0 if verdict == "OK" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
