@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from services.admin.settings import fail_fast
@@ -36,6 +36,7 @@ from services.common.topics import adapters_topic
 from spr.v1 import adapters_pb2
 
 _LOG = logging.getLogger(__name__)
+_UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
 
 
 @dataclass
@@ -120,32 +121,46 @@ class AdapterTopicReader:
                 auto_offset_reset="earliest",
             )
             self._history = AdapterHistory()
-            # After the consumer: it fails fast on a dead broker, ensure_topics' own client does not.
-            self._consumer.topics()
-            ensure_topics(self.kafka, [self.topic])  # the admin may start before any trainer
         if not self._assigned:
-            self._assign()
-        return self._consumer
-
-    def _assign(self) -> None:
-        partitions = self._consumer.partitions_for_topic(self.topic.name) or set()
-        self._assigned = [TopicPartition(self.topic.name, p) for p in sorted(partitions)]
-        if self._assigned:
+            self._assigned = self._partitions()
             self._consumer.assign(self._assigned)
             self._consumer.seek_to_beginning(*self._assigned)
+        return self._consumer
+
+    def _partitions(self) -> list[TopicPartition]:
+        """The topic's partitions, creating the topic if needed (the admin may start before any trainer).
+
+        Asked through an admin client: the consumer's own metadata calls (``partitions_for_topic``)
+        wait forever while the broker is down, the admin client fails within its timeout.
+        """
+        admin = KafkaAdminClient(**self.kafka.admin_kwargs(), **fail_fast(self.kafka))
+        try:
+            entry = admin.describe_topics([self.topic.name])[0]
+            if entry["error_code"] == _UNKNOWN_TOPIC:
+                ensure_topics(self.kafka, [self.topic])
+                entry = admin.describe_topics([self.topic.name])[0]
+        finally:
+            admin.close()
+        return [TopicPartition(self.topic.name, p["partition_index"]) for p in entry["partitions"]]
 
     def _catch_up(self) -> None:
         consumer = self._connect()
-        if not self._assigned:
-            return  # topic metadata not there yet: nothing was ever published
         end_offsets = consumer.end_offsets(self._assigned)
         deadline = time.monotonic() + self.sync_timeout_s
-        while any(consumer.position(tp) < end for tp, end in end_offsets.items()):
+        while self._behind(consumer, end_offsets):
             if time.monotonic() > deadline:
                 raise UpstreamUnavailable(
                     f"reading the adapters topic up to its end took over {self.sync_timeout_s:g}s"
                 )
             self._poll_once(consumer)
+
+    def _behind(self, consumer: Any, end_offsets: dict[TopicPartition, int]) -> bool:
+        for tp, end in end_offsets.items():
+            # Bounded: without a timeout, position() waits forever for a broker that is down.
+            position = consumer.position(tp, timeout_ms=self.kafka.request_timeout_ms)
+            if position is None or position < end:
+                return True
+        return False
 
     def _poll_once(self, consumer: Any) -> None:
         for records in consumer.poll(timeout_ms=self.poll_timeout_ms).values():

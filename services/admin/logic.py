@@ -41,7 +41,7 @@ from services.admin.gate import evaluate_gate, require_gate
 from services.admin.history import AdapterHistory, AdapterTopicReader
 from services.admin.pipeline import PipelineStatsReader
 from services.admin.replicas import ReplicaStatus, merge_loaded, scrape_replicas
-from services.admin.settings import AdminSettings, fail_fast
+from services.admin.settings import AdminSettings, fail_fast_producer
 from services.common.errors import InvalidRequest, UpstreamUnavailable
 from services.common.kafka_io import ProtoProducer
 from spr.v1 import adapters_pb2
@@ -281,7 +281,7 @@ class AdminCore:
         with self._producer_lock:
             try:
                 if self._producer is None:
-                    self._producer = ProtoProducer(self.kafka, **fail_fast(self.kafka))
+                    self._producer = ProtoProducer(self.kafka, **fail_fast_producer(self.kafka))
                 producer = self._producer
             except KafkaError as exc:
                 raise UpstreamUnavailable(f"cannot reach Kafka to update the adapters topic: {exc}") from exc

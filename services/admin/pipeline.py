@@ -78,6 +78,28 @@ def stage_lag(
     return lag, total
 
 
+class RateMeter:
+    """Growth per second of a counter sampled at irregular times, over about ``window_s``."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, int]] = deque(maxlen=_MAX_SAMPLES)
+
+    def update(self, now: float, value: int) -> float:
+        """Record ``value`` at ``now``; return the rate since the window's base sample (0 if none)."""
+        samples = self._samples
+        # Keep the newest sample at or before the window's start as the base, so that callers who
+        # ask less often than once per window still get the rate since their previous call.
+        while len(samples) >= 2 and samples[1][0] <= now - self.window_s:
+            samples.popleft()
+        rate = 0.0
+        if samples and now > samples[0][0]:
+            # A group reset moves offsets back; that is not negative throughput.
+            rate = max(value - samples[0][1], 0) / (now - samples[0][0])
+        samples.append((now, value))
+        return rate
+
+
 class PipelineStatsReader:
     """Computes :class:`StageLag` per stage with one admin client; thread-safe."""
 
@@ -94,9 +116,7 @@ class PipelineStatsReader:
         self._clock = clock
         self._lock = threading.Lock()
         self._admin: Any = None
-        self._samples: dict[str, deque[tuple[float, int]]] = {
-            s.stage: deque(maxlen=_MAX_SAMPLES) for s in self.stages
-        }
+        self._rates = {s.stage: RateMeter(rate_window_s) for s in self.stages}
 
     def read(self) -> list[StageLag]:
         """Every stage's lag, rate and dead letters now; :class:`UpstreamUnavailable` if Kafka is down."""
@@ -122,7 +142,7 @@ class PipelineStatsReader:
             committed = self._committed(admin, spec.group_id)
             lag, total = stage_lag(offsets, committed, spec.topics)
             dead = sum(offsets.latest[tp] for tp in offsets.partitions(spec.dead_letter_topics))
-            out.append(StageLag(spec.stage, lag, total, self._rate(spec.stage, now, total), dead))
+            out.append(StageLag(spec.stage, lag, total, self._rates[spec.stage].update(now, total), dead))
             metrics.CONSUMER_LAG.labels(spec.stage).set(lag)
             metrics.DEAD_LETTERS.labels(spec.stage).set(dead)
         return out
@@ -153,19 +173,6 @@ class PipelineStatsReader:
         # One group per request: brokers before OffsetFetch v8 cannot answer several at once.
         found = admin.list_group_offsets({group_id: None}).get(group_id, {})
         return {tp: int(meta.offset) for tp, meta in found.items() if meta.offset >= 0}
-
-    def _rate(self, stage: str, now: float, committed: int) -> float:
-        samples = self._samples[stage]
-        # Keep the newest sample at or before the window's start as the base, so that callers who
-        # ask less often than once per window still get the rate since their previous call.
-        while len(samples) >= 2 and samples[1][0] <= now - self.rate_window_s:
-            samples.popleft()
-        rate = 0.0
-        if samples and now > samples[0][0]:
-            # A group reset moves offsets back; that is not negative throughput.
-            rate = max(committed - samples[0][1], 0) / (now - samples[0][0])
-        samples.append((now, committed))
-        return rate
 
     def _reset(self) -> None:
         if self._admin is not None:

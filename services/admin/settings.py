@@ -72,6 +72,12 @@ def fail_fast(kafka: KafkaSettings) -> dict[str, Any]:
     return {"bootstrap_timeout_ms": kafka.request_timeout_ms}
 
 
+def fail_fast_producer(kafka: KafkaSettings) -> dict[str, Any]:
+    """:func:`fail_fast` for a producer: a send fails after about one request timeout, not 2 minutes."""
+    timeout = kafka.request_timeout_ms
+    return {**fail_fast(kafka), "max_block_ms": timeout, "delivery_timeout_ms": timeout + 1000}
+
+
 class AdminSettings(GrpcServerSettings):
     """Everything the admin service reads at start."""
 

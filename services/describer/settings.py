@@ -83,7 +83,7 @@ class StageSettings(BaseModel):
     group_id: str = Field(default="spr-describer", description="Consumer group of the stage.")
     regions_topic: str = Field(default="regions", description="Topic of common_pb2.Region records.")
     descriptions_topic: str = Field(default="descriptions", description="Topic the DescriptionRecords go to.")
-    dead_letter_topic: str = Field(default="descriptions.dlq", description="Topic of records that failed.")
+    dead_letter_topic: str = Field(default="regions.dlq", description="Failed input records.")
     batch_size: int = Field(default=8, ge=1, description="Records per poll.")
     concurrency: int = Field(
         default=4, ge=1, description="Records described at once (Triton batches concurrent requests)."

@@ -4,8 +4,9 @@
           -> describer stage -> policy MLLM on the real tritonserver -> `descriptions`
           -> localization score (the model's own boxes vs GT) -> refinement -> pair decision -> `pairs`
 
-What it does not run yet, and says so: the grounding model and the semantic scorer (so the reward is
-S_loc alone, lambda = 0), the DPO trainer and adapter publication. Those are open issues.
+What it does not run yet, and says so: the scorer services (so the reward is S_loc of the model's own
+boxes alone, lambda = 0), the DPO trainer and adapter publication. They exist as services and commands;
+wiring them into several rounds is the main-job issue.
 The policy is the tiny random-weight Qwen2.5-VL, so its text is noise and most regions end as
 skips; the point is that every region ends in exactly one decision, through the real services.
 """
@@ -38,8 +39,9 @@ from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 
 POLICY_REPOSITORY = Path(__file__).resolve().parents[1] / "policy" / "model_repository"
 NOT_YET = (
-    "not run yet (open issues): grounding + semantic scorers (reward = S_loc of the model's own boxes, "
-    "lambda = 0), the DPO trainer, adapter publication and hot reload of trained adapters"
+    "not wired into this demo yet (the main-job issue): the grounding and semantic scorer services "
+    "(here reward = S_loc of the model's own boxes, lambda = 0), the pair builder service, the DPO "
+    "trainer and the hot reload of what it publishes; each exists and is tested on its own"
 )
 
 

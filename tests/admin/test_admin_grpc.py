@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import pytest
@@ -28,13 +28,19 @@ WORSE = {"eval_preference_accuracy": 0.60, "eval_reward_margin": 0.50}
 ABOUT_AS_GOOD = {"eval_preference_accuracy": 0.695, "eval_reward_margin": 0.48}
 
 
-def rpc_error(call: Callable[[], Any]) -> grpc.Call:
+if TYPE_CHECKING:
+
+    class FailedCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]  # the stubs disagree on details()
+        """What grpc raises for a failed call: an RpcError that is also the Call."""
+
+
+def rpc_error(call: Callable[[], Any]) -> FailedCall:
     """Run ``call``, which must fail; return the error."""
     with pytest.raises(grpc.RpcError) as caught:
         call()
     error = caught.value
     assert isinstance(error, grpc.Call)
-    return error
+    return cast("FailedCall", error)
 
 
 def topic_events(broker: BrokerProcess) -> list[tuple[str, adapters_pb2.AdapterEvent]]:
@@ -72,7 +78,7 @@ class _ReplicaHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def replica_url() -> Iterator[str]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ReplicaHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
     server.shutdown()
     server.server_close()
@@ -136,11 +142,11 @@ def test_promote_to_latest_moves_the_alias_on_the_topic(
     ],
 )
 def test_promote_refuses_unknown_versions_and_bad_names(
-    admin: AdminHarness, request_fields: dict[str, str], status: str, code: str
+    admin: AdminHarness, request_fields: dict[str, Any], status: str, code: str
 ) -> None:
     error = rpc_error(lambda: admin.stub.Promote(adapters_pb2.PromoteRequest(**request_fields), timeout=30))
     assert error.code() is getattr(grpc.StatusCode, status)
-    assert error_code_of(error) == code  # type: ignore[arg-type]
+    assert error_code_of(error) == code
 
 
 def test_promote_refuses_corrupt_versions_and_other_base_models(
@@ -152,13 +158,13 @@ def test_promote_refuses_corrupt_versions_and_other_base_models(
     error = rpc_error(
         lambda: admin.stub.Promote(adapters_pb2.PromoteRequest(version=corrupt.version, alias="latest"))
     )
-    assert error.code() is grpc.StatusCode.DATA_LOSS and error_code_of(error) == "ADAPTER_CORRUPT"  # type: ignore[arg-type]
+    assert error.code() is grpc.StatusCode.DATA_LOSS and error_code_of(error) == "ADAPTER_CORRUPT"
     foreign = publish(2, base_model="someone/else")
     error = rpc_error(
         lambda: admin.stub.Promote(adapters_pb2.PromoteRequest(version=foreign.version, alias="latest"))
     )
     assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
-    assert error_code_of(error) == "ADAPTER_BASE_MISMATCH"  # type: ignore[arg-type]
+    assert error_code_of(error) == "ADAPTER_BASE_MISMATCH"
 
 
 def test_stable_moves_only_through_the_eval_gate_unless_skipped(
@@ -179,10 +185,10 @@ def test_stable_moves_only_through_the_eval_gate_unless_skipped(
     assert "eval gate passed" in promote(good.version).alias.reason  # nothing to compare against yet
     error = rpc_error(lambda: promote(worse.version))
     assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
-    assert error_code_of(error) == "EVAL_GATE_FAILED"  # type: ignore[arg-type]
+    assert error_code_of(error) == "EVAL_GATE_FAILED"
     assert "eval_preference_accuracy 0.6 vs 0.7" in (error.details() or "")
     error = rpc_error(lambda: promote(unevaluated.version))
-    assert error_code_of(error) == "EVAL_METRICS_MISSING"  # type: ignore[arg-type]
+    assert error_code_of(error) == "EVAL_METRICS_MISSING"
     assert "eval_preference_accuracy" in (error.details() or "")
     listing = admin.stub.ListAdapters(adapters_pb2.ListAdaptersRequest(), timeout=30)
     assert listing.aliases["stable"] == good.version  # refusals moved nothing
@@ -210,12 +216,12 @@ def test_rollback_returns_to_the_previous_versions(admin: AdminHarness, publish:
     assert rollback().alias.version == versions[0]  # further back, not forth again
     error = rpc_error(rollback)
     assert error.code() is grpc.StatusCode.FAILED_PRECONDITION
-    assert error_code_of(error) == "NO_PREVIOUS_VERSION"  # type: ignore[arg-type]
+    assert error_code_of(error) == "NO_PREVIOUS_VERSION"
     assert rollback(to_version=versions[2]).alias.version == versions[2]  # explicit target
     error = rpc_error(lambda: rollback(to_version="spr-v9-00000000"))
     assert error.code() is grpc.StatusCode.NOT_FOUND
     error = rpc_error(lambda: admin.stub.Rollback(adapters_pb2.RollbackRequest(alias="stable"), timeout=30))
-    assert error.code() is grpc.StatusCode.NOT_FOUND and error_code_of(error) == "ALIAS_NOT_FOUND"  # type: ignore[arg-type]
+    assert error.code() is grpc.StatusCode.NOT_FOUND and error_code_of(error) == "ALIAS_NOT_FOUND"
 
 
 def test_a_restarted_admin_rolls_back_from_the_topic_history(
@@ -260,7 +266,7 @@ def test_broker_down_is_unavailable_and_the_service_recovers(
     for call in calls:
         error = rpc_error(call)
         assert error.code() is grpc.StatusCode.UNAVAILABLE, error.details()
-        assert error_code_of(error) == "UPSTREAM_UNAVAILABLE"  # type: ignore[arg-type]
+        assert error_code_of(error) == "UPSTREAM_UNAVAILABLE"
     assert time.monotonic() - started < 30
     broker.start()
     response = admin.stub.Promote(adapters_pb2.PromoteRequest(version=version, alias="latest"), timeout=60)

@@ -90,7 +90,7 @@ class _MetricsHandler(BaseHTTPRequestHandler):
 def fake_replica() -> Iterator[str]:
     """A loopback HTTP server answering /metrics with TRITON_SAMPLE; yields its URL."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _MetricsHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
     server.shutdown()

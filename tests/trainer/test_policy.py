@@ -1,0 +1,86 @@
+"""Config defaults, the trigger policy, the eval gate decision and version naming (no model, no broker)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from services.admin.history import AdapterHistory
+from spr.v1 import adapters_pb2, pairs_pb2
+from trainer.config import PREFERENCE_ACCURACY, REWARD_MARGIN, TrainerConfig
+from trainer.publish import gate_passes, round_index
+from trainer.rounds import Trigger
+from trainer.source import Batch
+
+
+def test_defaults_are_the_papers() -> None:
+    cfg = TrainerConfig()
+    assert (cfg.beta, cfg.lora_r, cfg.lora_alpha, cfg.learning_rate) == (0.1, 128, 256, 1e-5)
+    assert (cfg.lr_scheduler, cfg.warmup_ratio, cfg.num_epochs) == ("cosine", 0.1, 1.0)
+    assert cfg.rpo_alpha > 0 and cfg.continue_from == "latest"
+    assert TrainerConfig(device="cpu").use_bf16() is False
+    assert TrainerConfig(device="cpu", bf16="true").use_bf16() is True
+
+
+def _history(stable_metrics: dict[str, float] | None) -> AdapterHistory:
+    history = AdapterHistory()
+    if stable_metrics is not None:
+        history.apply(
+            adapters_pb2.AdapterEvent(
+                published=adapters_pb2.AdapterManifest(version="v1", metrics=stable_metrics)
+            )
+        )
+        history.apply(adapters_pb2.AdapterEvent(alias=adapters_pb2.AliasUpdate(alias="stable", version="v1")))
+    return history
+
+
+def _candidate(accuracy: float, margin: float) -> adapters_pb2.AdapterManifest:
+    return adapters_pb2.AdapterManifest(
+        version="v2", metrics={PREFERENCE_ACCURACY: accuracy, REWARD_MARGIN: margin}
+    )
+
+
+def test_gate_uses_the_admin_rule_with_tolerances() -> None:
+    cfg = TrainerConfig(gate_tolerance_accuracy=0.05, gate_tolerance_margin=0.1)
+    reference = _history({PREFERENCE_ACCURACY: 0.8, REWARD_MARGIN: 0.5})
+    assert gate_passes(cfg, _candidate(0.76, 0.45), reference)  # worse, but within tolerance
+    assert not gate_passes(cfg, _candidate(0.70, 0.9), reference)
+    assert gate_passes(cfg, _candidate(0.1, 0.0), _history(None))  # no stable yet
+    assert not gate_passes(cfg, adapters_pb2.AdapterManifest(version="v3"), reference)  # unevaluated
+
+
+def test_round_index_follows_the_parent() -> None:
+    assert round_index("") == 1
+    assert round_index("spr-v7-3f2a9c1e") == 8
+
+
+def _batch(n: int) -> Batch:
+    from services.common.kafka_io import ConsumedRecord
+
+    batch = Batch()
+    for i in range(n):
+        decision = pairs_pb2.PairDecision(pair=pairs_pb2.PreferencePair(pair_id=f"p{i}"))
+        batch.add([ConsumedRecord("pairs", i % 2, i, f"r{i}", decision, 1, 0, ())])
+    return batch
+
+
+def test_trigger_every_n_pairs_every_t_minutes_or_on_demand(tmp_path: Path) -> None:
+    trigger = Trigger(TrainerConfig(trigger_every_pairs=4, trigger_every_minutes=0, min_pairs=2))
+    assert trigger.due(_batch(3)) == "" and trigger.due(_batch(4))
+    timed = Trigger(TrainerConfig(trigger_every_pairs=100, trigger_every_minutes=1, min_pairs=2))
+    old = _batch(2)
+    assert timed.due(old) == ""
+    old.started_monotonic = time.monotonic() - 61
+    assert timed.due(old) and timed.due(_batch(1)) == ""  # never below min_pairs
+    flag = tmp_path / "train-now"
+    demand = Trigger(TrainerConfig(trigger_every_pairs=100, trigger_every_minutes=0, trigger_file=str(flag)))
+    assert demand.due(_batch(2)) == ""
+    flag.touch()
+    assert demand.due(_batch(2)) == "requested on demand" and not flag.exists()
+
+
+def test_batch_ranges_and_duplicates() -> None:
+    batch = _batch(5)
+    batch.add(_batch(1).records)  # a redelivered duplicate of p0 at offset 0
+    assert [p.pair_id for p in batch.pairs()] == ["p0", "p1", "p2", "p3", "p4"]
+    assert [(r.partition, r.start_offset, r.end_offset) for r in batch.ranges()] == [(0, 0, 5), (1, 1, 4)]

@@ -1,0 +1,167 @@
+"""Publication of a trained round: manifest lineage, atomic store write, announcement, aliases, gate.
+
+Order matters for crash safety (issue 6, "Commit last"):
+
+1. `AdapterStore.publish` — staging copy, fsync, one rename; the manifest is written last. A crash
+   before the rename leaves only a staging folder, which is never listed.
+2. announce the version on `adapters`, move `latest` at once;
+3. move `stable` only if the eval gate (the admin's `services.admin.gate` rule) passes;
+4. the caller commits the Kafka offsets — only after all of the above returned.
+
+A crash between 1 and 4 redelivers the pairs; the rerun trains the same weights from the same data
+(fixed seed) and publishing identical content is idempotent (content-addressed version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.adapters.events import announce_version, move_alias
+from services.adapters.store import AdapterStore, sha256_file
+from services.admin.errors import EvalMetricsMissing
+from services.admin.gate import evaluate_gate
+from services.admin.history import AdapterHistory, AdapterTopicReader
+from services.common.kafka_io import ProtoProducer
+from services.describer.logic import code_version
+from spr.v1 import adapters_pb2
+from trainer.config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+STABLE = "stable"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+_ROUND_RE = re.compile(r"^spr-v(\d+)-")
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The adapter a round continues from ("" version = the base model)."""
+
+    version: str
+    path: Path | None
+
+
+def base_model_sha256(base_model: str) -> str:
+    """sha256 over the base model's weight files (name + content digest), "" when not a local folder."""
+    folder = Path(base_model)
+    if not folder.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)):
+        digest.update(f"{path.relative_to(folder)}\0{sha256_file(path)}\0".encode())
+    return digest.hexdigest()
+
+
+def read_history(cfg: TrainerConfig) -> AdapterHistory:
+    """Aliases and manifests as every replica sees them (the compacted `adapters` topic)."""
+    reader = AdapterTopicReader(cfg.kafka())
+    try:
+        return reader.sync()
+    finally:
+        reader.close()
+
+
+def resolve_parent(cfg: TrainerConfig, store: AdapterStore, history: AdapterHistory) -> Parent:
+    """`continue_from`: 'base', an alias on the topic, or a version in the store."""
+    if cfg.continue_from == "base":
+        return Parent("", None)
+    version = history.current(cfg.continue_from)
+    if version is None:
+        version = cfg.continue_from if store.path_of(cfg.continue_from).is_dir() else ""
+    if not version:
+        log.info("%s names no adapter yet: training a fresh LoRA on the base", cfg.continue_from)
+        return Parent("", None)
+    verified = store.verify(version, expected_base_model_id=cfg.base_model)
+    return Parent(version, verified.path)
+
+
+def round_index(parent_version: str) -> int:
+    """The parent's round + 1 (1 from the base): stable across reruns, so names stay content-addressed."""
+    match = _ROUND_RE.match(parent_version)
+    return int(match.group(1)) + 1 if match else 1
+
+
+def build_manifest(
+    cfg: TrainerConfig,
+    parent: Parent,
+    ranges: list[adapters_pb2.PairRange],
+    pair_count: int,
+    dataset_sha: str,
+    metrics: dict[str, float],
+) -> adapters_pb2.AdapterManifest:
+    """Lineage of one round; the store fills in version, files, uri and time."""
+    return adapters_pb2.AdapterManifest(
+        parent_version=parent.version,
+        base_model_id=cfg.base_model,
+        base_model_sha256=base_model_sha256(cfg.base_model),
+        pair_ranges=ranges,
+        pair_count=pair_count,
+        dataset_sha256=dataset_sha,
+        hyperparameters=cfg.hyperparameters(),
+        metrics=metrics,
+        code_version=code_version(),
+    )
+
+
+def gate_passes(cfg: TrainerConfig, candidate: adapters_pb2.AdapterManifest, history: AdapterHistory) -> bool:
+    """The admin's eval gate against the current `stable`; missing metrics never pass."""
+    current = history.current(STABLE)
+    reference = None
+    if current:
+        reference_manifest = history.manifests.get(current)
+        reference = dict(reference_manifest.metrics) if reference_manifest is not None else {}
+    try:
+        result = evaluate_gate(
+            dict(candidate.metrics),
+            reference,
+            cfg.gate_tolerances(),
+            candidate_name=candidate.version,
+            reference_name=f"{STABLE} ({current})",
+        )
+    except EvalMetricsMissing as exc:
+        log.warning("eval gate cannot decide, %s stays: %s", STABLE, exc)
+        return False
+    log.info("eval gate %s: %s", "passed" if result.passed else "failed", result.summary())
+    return result.passed
+
+
+def publish_round(
+    cfg: TrainerConfig,
+    store: AdapterStore,
+    producer: ProtoProducer,
+    adapter_dir: Path,
+    manifest: adapters_pb2.AdapterManifest,
+    history: AdapterHistory,
+) -> tuple[adapters_pb2.AdapterManifest, bool]:
+    """Publish, announce, move `latest`, and `stable` if gated in; returns (manifest, promoted)."""
+    log.info("publishing adapter from %s", adapter_dir)
+    published = store.publish(adapter_dir, manifest, round_index(manifest.parent_version))
+    log.info("published %s", published.version)
+    announce_version(producer, published)
+    move_alias(producer, LATEST, published.version, "trained")
+    promoted = gate_passes(cfg, published, history)
+    if promoted:
+        move_alias(producer, STABLE, published.version, "eval gate passed")
+    return published, promoted
+
+
+def rollback(cfg: TrainerConfig, alias: str, to_version: str, reason: str) -> adapters_pb2.AliasResponse:
+    """Re-point `alias` (at `to_version`, or its previous version), via the admin's own rule."""
+    from services.admin.logic import AdminCore
+    from services.admin.settings import AdminSettings
+
+    settings = AdminSettings(
+        bootstrap_servers=cfg.bootstrap_servers,
+        api_version=cfg.kafka_api_version or None,
+        adapter_store=cfg.store,
+    )
+    core = AdminCore(settings)
+    try:
+        return core.rollback(alias, to_version, reason)
+    finally:
+        core.close()

@@ -1,0 +1,165 @@
+"""One DPO round, as a readable recipe (torchtune style): every step is a function, `train_round` reads
+top to bottom.
+
+1. load the base policy through the production loader (`services.modelzoo.loading.load_policy`);
+2. attach the adapter to continue from (trainable), or let TRL add a fresh LoRA (`peft_config`);
+3. train with TRL's `DPOTrainer` (sigmoid DPO + NLL on the chosen answer, weighted `rpo_alpha`);
+   the reference model is the base with the adapter disabled, as TRL does for PEFT models;
+4. evaluate on the held-out pairs: preference accuracy and reward margin (TRL's own metrics);
+5. save the standard PEFT folder (adapter_config.json + adapter_model.safetensors).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
+from trl.trainer.dpo_config import DPOConfig
+from trl.trainer.dpo_trainer import DPOTrainer
+
+from services.modelzoo.loading import load_policy
+from trainer.config import PREFERENCE_ACCURACY, REWARD_MARGIN, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+#: TRL log keys -> the names this project reports (train side; eval side gets the eval_ prefix).
+_TRL_METRICS = {
+    "loss": "loss",
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "preference_accuracy",
+}
+
+
+@dataclass
+class RoundResult:
+    """What one round produced: the PEFT folder and its metrics."""
+
+    adapter_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_samples_per_second: float = 0.0
+
+
+def lora_config(cfg: TrainerConfig) -> LoraConfig:
+    """A fresh LoRA on the language model."""
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def dpo_config(cfg: TrainerConfig, output_dir: Path) -> DPOConfig:
+    """TRL arguments for one round; checkpoints are off: a crashed round is retrained from its pairs."""
+    losses, weights = ["sigmoid"], [1.0]
+    if cfg.rpo_alpha > 0:
+        losses, weights = ["sigmoid", "sft"], [1.0, cfg.rpo_alpha]
+    device = cfg.resolved_device()
+    return DPOConfig(
+        output_dir=str(output_dir),
+        beta=cfg.beta,
+        loss_type=losses,
+        loss_weights=weights,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        bf16=cfg.use_bf16(),
+        use_cpu=device == "cpu",
+        # Checkpointing trades compute for memory; on CPU it only slows tiny models down (SPEC §5).
+        gradient_checkpointing=device != "cpu",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+    )
+
+
+def load_start(cfg: TrainerConfig, parent_dir: Path | None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The base policy, with the parent adapter attached and trainable when there is one."""
+    device = cfg.resolved_device()
+    model, processor = load_policy(cfg.base_model, device, "bfloat16" if cfg.use_bf16() else "float32")
+    if parent_dir is None:
+        return model, processor
+    log.info("continuing from adapter %s", parent_dir)
+    peft_model = PeftModel.from_pretrained(model, str(parent_dir), is_trainable=True)
+    return peft_model, processor  # type: ignore[return-value]
+
+
+def make_trainer(
+    cfg: TrainerConfig,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    train: Dataset,
+    output_dir: Path,
+    callbacks: list[TrainerCallback] | None = None,
+) -> DPOTrainer:
+    """TRL's DPOTrainer; a fresh LoRA is added by TRL unless the model already carries an adapter."""
+    return DPOTrainer(
+        model=model,
+        args=dpo_config(cfg, output_dir),
+        train_dataset=train,
+        processing_class=processor,
+        peft_config=None if isinstance(model, PeftModel) else lora_config(cfg),
+        callbacks=callbacks,
+    )
+
+
+def train_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """The last logged value of each reported training metric."""
+    found: dict[str, float] = {}
+    for entry in log_history:
+        for trl_key, name in _TRL_METRICS.items():
+            if trl_key in entry:
+                found[f"train_{name}"] = float(entry[trl_key])
+    return found
+
+
+def heldout_metrics(trainer: DPOTrainer, heldout: Dataset) -> dict[str, float]:
+    """Preference accuracy and reward margin on held-out pairs (empty when none are held out)."""
+    if len(heldout) == 0:
+        return {}
+    evaluated = trainer.evaluate(heldout)
+    metrics = {
+        PREFERENCE_ACCURACY: float(evaluated["eval_rewards/accuracies"]),
+        REWARD_MARGIN: float(evaluated["eval_rewards/margins"]),
+        "eval_loss": float(evaluated["eval_loss"]),
+    }
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def train_round(
+    cfg: TrainerConfig,
+    train: Dataset,
+    heldout: Dataset,
+    parent_dir: Path | None,
+    output_dir: Path,
+    callbacks: list[TrainerCallback] | None = None,
+) -> RoundResult:
+    """Train one round and save the adapter under ``output_dir/adapter``."""
+    model, processor = load_start(cfg, parent_dir)
+    trainer = make_trainer(cfg, model, processor, train, output_dir, callbacks)
+    log.info("training on %d pairs (%d held out)", len(train), len(heldout))
+    output = trainer.train()
+    metrics = train_metrics(trainer.state.log_history)
+    metrics.update(heldout_metrics(trainer, heldout))
+    adapter_dir = output_dir / "adapter"
+    trained: Any = trainer.model  # a PeftModel: saves only the adapter, in the standard PEFT layout
+    trained.save_pretrained(str(adapter_dir))
+    (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card: not part of the weights
+    speed = float(output.metrics.get("train_samples_per_second", 0.0))
+    log.info("round done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    return RoundResult(adapter_dir=adapter_dir, metrics=metrics, train_samples_per_second=speed)

@@ -1,0 +1,74 @@
+"""Reading `pairs` from the trainer's committed offsets, and the offset ranges a round consumed.
+
+Offsets are committed by `trainer.publish.finish_round` only, after the adapter is published: a crash
+anywhere before that redelivers the same records to the next run (at-least-once); duplicates are
+dropped by pair id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from services.common.kafka_io import ConsumedRecord, ProtoConsumer, UndecodableRecord
+from services.common.topics import PAIRS, stream_topics
+from spr.v1 import adapters_pb2, pairs_pb2
+from trainer.config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+Polled = ConsumedRecord[pairs_pb2.PairDecision] | UndecodableRecord
+
+
+@dataclass
+class Batch:
+    """Records consumed since the last commit."""
+
+    records: list[Polled] = field(default_factory=list)
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+    def add(self, polled: list[Polled]) -> None:
+        """Append newly polled records."""
+        self.records.extend(polled)
+
+    def pairs(self) -> list[pairs_pb2.PreferencePair]:
+        """Unique pairs (by pair id, first seen wins); skips and undecodable records carry none."""
+        seen: dict[str, pairs_pb2.PreferencePair] = {}
+        for record in self.records:
+            if isinstance(record, ConsumedRecord) and record.message.WhichOneof("decision") == "pair":
+                seen.setdefault(record.message.pair.pair_id, record.message.pair)
+        return list(seen.values())
+
+    def ranges(self) -> list[adapters_pb2.PairRange]:
+        """Per partition: [first offset, last offset + 1) of what this batch consumed."""
+        bounds: dict[tuple[str, int], tuple[int, int]] = {}
+        for r in self.records:
+            low, high = bounds.get((r.topic, r.partition), (r.offset, r.offset))
+            bounds[(r.topic, r.partition)] = (min(low, r.offset), max(high, r.offset))
+        return [
+            adapters_pb2.PairRange(topic=t, partition=p, start_offset=low, end_offset=high + 1)
+            for (t, p), (low, high) in sorted(bounds.items())
+        ]
+
+
+def open_consumer(cfg: TrainerConfig) -> ProtoConsumer[pairs_pb2.PairDecision]:
+    """A member of the trainer's group on `pairs`, positioned at the committed offsets."""
+    topic = stream_topics()[PAIRS]
+    return ProtoConsumer(cfg.kafka(), cfg.group_id, [topic])
+
+
+def drain(consumer: ProtoConsumer[pairs_pb2.PairDecision], cfg: TrainerConfig, batch: Batch) -> Batch:
+    """Poll until the topic has been idle for `poll_idle_s` or the batch holds `max_pairs` records."""
+    idle_since = time.monotonic()
+    while len(batch.records) < cfg.max_pairs:
+        polled = consumer.poll(timeout_ms=500, max_records=cfg.max_pairs - len(batch.records))
+        if polled or not consumer.raw.assignment():
+            # Idle time only counts once partitions are assigned: joining the group (or waiting for a
+            # dead member's session to expire) is not an empty topic.
+            batch.add(polled)
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since >= cfg.poll_idle_s:
+            break
+    log.info("consumed %d records, %d unique pairs", len(batch.records), len(batch.pairs()))
+    return batch
