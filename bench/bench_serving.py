@@ -36,14 +36,14 @@ from services.common.kafka_io import ProtoProducer
 from services.core import read_coco
 from services.describer.logic import Describer, PreparedRegion
 from services.describer.servicer import register_with
-from services.describer.settings import DescriberSettings, SamplingDefaults
+from services.describer.settings import DescriberSettings, SamplingDefaults, processor_config_of
 from services.describer.triton_client import PolicyOutput, build_inputs
 from services.devstack.broker import BrokerProcess
 from services.devstack.process import free_port, log_tail
 from services.devstack.triton import TritonServer
 from services.modelzoo.loading import load_policy
 from services.modelzoo.tiny import ensure_model
-from services.policy.runner import GenerationRequest, PolicyRunner, Sampling
+from services.policy.runner import GenerationRequest, PolicyRunner
 from services.sampler.regions import iter_regions
 from services.world import generate_world
 from spr.v1 import adapters_pb2, describer_pb2, describer_pb2_grpc
@@ -91,14 +91,13 @@ def region_requests(
 
 
 def describer_settings(model_path: str, triton_url: str, args: argparse.Namespace) -> DescriberSettings:
-    processor_config = Path(model_path) / "processor_config.json"
     return DescriberSettings(
         port=0,
         metrics_port=0,
         max_workers=max(8, 2 * args.concurrency),
         triton_url=triton_url,
         policy_model_id=model_path,
-        processor_config=processor_config if processor_config.is_file() else None,
+        processor_config=processor_config_of(Path(model_path)),
         sampling=SamplingDefaults(num_samples=args.samples, max_new_tokens=args.max_new_tokens),
     )
 
@@ -115,7 +114,7 @@ def in_process_pass(
             GenerationRequest(
                 Image.open(io.BytesIO(p.policy_request.image)).convert("RGB"),
                 p.instruction,
-                Sampling(**vars(p.policy_request.sampling)),
+                p.policy_request.sampling,
             )
             for p in chunk
         ]

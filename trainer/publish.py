@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.adapters.events import announce_version, move_alias
+from services.adapters.state import AdapterHistory
 from services.adapters.store import AdapterStore, sha256_file
 from services.admin.errors import EvalMetricsMissing
 from services.admin.gate import evaluate_gate
-from services.admin.history import AdapterHistory, AdapterTopicReader
+from services.admin.history import AdapterTopicReader
 from services.common.kafka_io import ProtoProducer
 from services.describer.logic import code_version
 from spr.v1 import adapters_pb2

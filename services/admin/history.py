@@ -1,16 +1,7 @@
-"""The ``adapters`` topic as the admin sees it: manifests, aliases, and each alias's trail.
+"""The ``adapters`` topic as the admin reads it, into :class:`services.adapters.state.AdapterHistory`.
 
-:class:`AdapterHistory` is the state of ``services.policy.follower.AdapterTopicState`` (manifests and
-the alias map, same ``apply``) plus, per alias, the *trail* of versions rollback walks back along.
-It lives here rather than being imported because the follower module pulls in PEFT and torch
-(~6 s of start-up and a few hundred MB for a service that only reads a topic).
-
-The trail rule: moving an alias to a version already on its trail returns to it (the versions after
-it are dropped); moving it to any other version appends. So promote v1, v2, v3, rollback (-> v2),
-rollback (-> v1) walks back as an operator expects, and a second rollback never bounces back to the
-version just rolled back from. The trail is only as long as what this process has read: the topic is
-compacted, so after a restart an alias may be known only by its last move. Rollback then needs an
-explicit ``to_version``.
+After a restart an alias may be known only by its last move (the topic is compacted); rollback then
+needs an explicit ``to_version``.
 
 :class:`AdapterTopicReader` keeps one consumer (no group: the admin needs the whole state, not a
 share) and, on each :meth:`~AdapterTopicReader.sync`, reads up to the end offsets of that moment,
@@ -23,60 +14,19 @@ import copy
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
+from services.adapters.state import AdapterHistory
 from services.admin.settings import fail_fast
 from services.common.errors import UpstreamUnavailable
 from services.common.kafka_io import KafkaSettings, UndecodableRecord, decode_record, ensure_topics
 from services.common.topics import adapters_topic
-from spr.v1 import adapters_pb2
 
 _LOG = logging.getLogger(__name__)
 _UNKNOWN_TOPIC = 3  # Kafka error code UNKNOWN_TOPIC_OR_PARTITION
-
-
-@dataclass
-class AdapterHistory:
-    """What the topic says: published manifests, each alias's last move, and its trail of versions."""
-
-    manifests: dict[str, adapters_pb2.AdapterManifest] = field(default_factory=dict)
-    moves: dict[str, adapters_pb2.AliasUpdate] = field(default_factory=dict)
-    trails: dict[str, list[str]] = field(default_factory=dict)
-
-    @property
-    def aliases(self) -> dict[str, str]:
-        """Alias -> version, as replicas see it ("" = the base model)."""
-        return {alias: update.version for alias, update in self.moves.items()}
-
-    def apply(self, event: adapters_pb2.AdapterEvent) -> None:
-        """Fold one topic event into the state."""
-        kind = event.WhichOneof("event")
-        if kind == "published":
-            self.manifests[event.published.version] = event.published
-        elif kind == "alias":
-            self._move(event.alias)
-
-    def _move(self, update: adapters_pb2.AliasUpdate) -> None:
-        self.moves[update.alias] = update
-        trail = self.trails.setdefault(update.alias, [])
-        if update.version in trail:
-            del trail[trail.index(update.version) + 1 :]
-        else:
-            trail.append(update.version)
-
-    def current(self, alias: str) -> str | None:
-        """The version ``alias`` names, or None when it was never set."""
-        update = self.moves.get(alias)
-        return None if update is None else update.version
-
-    def previous(self, alias: str) -> str | None:
-        """The version ``alias`` named before its current one, or None when not on record."""
-        trail = self.trails.get(alias, [])
-        return trail[-2] if len(trail) >= 2 else None
 
 
 class AdapterTopicReader:

@@ -25,6 +25,7 @@ from typing import NoReturn
 from kafka.errors import KafkaError
 
 from services.adapters.events import announce_version, move_alias
+from services.adapters.state import AdapterHistory
 from services.adapters.store import MANIFEST_NAME, AdapterStore, AdapterStoreError, manifest_from_json
 from services.admin import metrics
 from services.admin.errors import (
@@ -38,7 +39,7 @@ from services.admin.errors import (
     VersionNotInStore,
 )
 from services.admin.gate import evaluate_gate, require_gate
-from services.admin.history import AdapterHistory, AdapterTopicReader
+from services.admin.history import AdapterTopicReader
 from services.admin.pipeline import PipelineStatsReader
 from services.admin.replicas import ReplicaStatus, merge_loaded, scrape_replicas
 from services.admin.settings import AdminSettings, fail_fast_producer

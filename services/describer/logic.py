@@ -46,7 +46,8 @@ from services.describer.families import (
     object_references,
 )
 from services.describer.settings import DescriberSettings
-from services.describer.triton_client import PolicyOutput, PolicyRequest, Sampling, TritonPolicyClient
+from services.describer.triton_client import PolicyOutput, PolicyRequest, TritonPolicyClient
+from services.policy.sampling import Sampling
 from spr.v1 import common_pb2, describer_pb2
 
 #: Extra wait beyond the deadline for the Triton task to report its own timeout before we give up.

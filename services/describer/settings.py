@@ -255,3 +255,11 @@ def read_pixel_bounds(path: Path) -> tuple[int | None, int | None]:
         None if min_pixels is None else int(min_pixels),
         None if max_pixels is None else int(max_pixels),
     )
+
+
+def processor_config_of(model_dir: Path) -> Path | None:
+    """The processor config file a saved policy folder carries (what ``processor_config`` wants)."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    return None

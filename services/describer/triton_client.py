@@ -41,6 +41,7 @@ from services.describer.errors import (
     RequestCancelled,
 )
 from services.describer.settings import RetryPolicy
+from services.policy.sampling import Sampling
 
 _LOG = logging.getLogger(__name__)
 
@@ -60,18 +61,6 @@ _BY_STATUS: dict[str, type[SprError]] = {
     "CANCELLED": RequestCancelled,
     "INVALID_ARGUMENT": PolicyRejected,
 }
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling parameters of one request (the policy's NUM_SAMPLES ... GREEDY inputs)."""
-
-    num_samples: int
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    seed: int | None = None  # None = unseeded
-    greedy: bool = False
 
 
 @dataclass(frozen=True)

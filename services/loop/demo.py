@@ -23,11 +23,14 @@ from pathlib import Path
 
 from services.common.kafka_io import KafkaSettings, ProtoConsumer, ProtoProducer, ensure_topics
 from services.common.topics import DESCRIPTIONS, PAIRS, REGIONS, dead_letter_topic, stream_topics
-from services.core import CoordinateFormat, as_box_array, localization_score, parse, read_coco
-from services.core.boxes import Box
-from services.core.formats import mentions_to_image
+from services.core import as_box_array, localization_score, read_coco
 from services.describer.logic import Describer
-from services.describer.settings import DescriberSettings, SamplingDefaults, StageSettings
+from services.describer.settings import (
+    DescriberSettings,
+    SamplingDefaults,
+    StageSettings,
+    processor_config_of,
+)
 from services.describer.stage import DescriberStage
 from services.devstack.broker import BrokerProcess
 from services.devstack.triton import TritonServer
@@ -67,22 +70,14 @@ def say(message: str) -> None:
 
 
 def own_box_scores(record: describer_pb2.DescriptionRecord) -> scoring_pb2.LocalizationScoreRecord:
-    """S_loc with P = the boxes the model wrote itself (no grounding model yet)."""
+    """S_loc with P = the boxes the model wrote itself (no grounding model yet).
+
+    The describer already parsed every candidate into mentions in full-image pixels.
+    """
     gt = as_box_array([(o.box.x1, o.box.y1, o.box.x2, o.box.y2) for o in record.region.ground_truth])
-    crop = Box(record.crop_box.x1, record.crop_box.y1, record.crop_box.x2, record.crop_box.y2)
     scores = []
     for candidate in record.candidates:
-        mentions = parse(
-            candidate.text,
-            CoordinateFormat(candidate.coordinate_format),
-            record.frame_width,
-            record.frame_height,
-        ).mentions
-        boxes = [
-            m.box.as_tuple()
-            for m in mentions_to_image(mentions, crop, record.frame_width, record.frame_height)
-            if m.box
-        ]
+        boxes = [(m.box.x1, m.box.y1, m.box.x2, m.box.y2) for m in candidate.mentions if m.has_box]
         result = localization_score(gt, as_box_array(boxes))
         scores.append(
             scoring_pb2.LocalizationScore(
@@ -158,7 +153,7 @@ def run_stages(
     settings = DescriberSettings(
         triton_url=triton.grpc_url,
         policy_model_id=str(policy),
-        processor_config=_processor_config(policy),
+        processor_config=processor_config_of(policy),
         sampling=SamplingDefaults(num_samples=args.samples, max_new_tokens=args.max_new_tokens),
     )
     stage = DescriberStage(
@@ -173,13 +168,6 @@ def run_stages(
         stop.set()
         thread.join(30)
         stage.close()
-
-
-def _processor_config(policy: Path) -> Path | None:
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        if (policy / name).is_file():
-            return policy / name
-    return None
 
 
 def print_summary(regions: int, outcomes: Counter[str]) -> None:

@@ -53,6 +53,7 @@ class AdapterRegistry:
         self.aliases: dict[str, str] = dict(DEFAULT_ALIASES)
         self.resident: OrderedDict[str, AdapterStats] = OrderedDict()
         self.lock = threading.RLock()
+        self.revision = 0  # bumped on every load, unload and alias move: lets observers skip no-op refreshes
 
     # -- resolution -------------------------------------------------------------------------
     def resolve(self, name: str) -> str:
@@ -84,6 +85,7 @@ class AdapterRegistry:
             self._inject(version, str(verified.path))
             seconds = time.perf_counter() - start
             self.resident[version] = AdapterStats(load_seconds=seconds)
+            self.revision += 1
             self._evict(keep=version)
             return seconds
 
@@ -105,6 +107,7 @@ class AdapterRegistry:
 
     def _unload(self, version: str) -> None:
         del self.resident[version]
+        self.revision += 1
         if version in self.model.peft_config:
             if self.model.active_adapter == version:
                 # PEFT refuses to delete the active adapter; park on any other resident one first.
@@ -119,7 +122,9 @@ class AdapterRegistry:
         with self.lock:
             if version != BASE:
                 self.load(version)
-            self.aliases[alias] = version
+            if self.aliases.get(alias) != version:
+                self.aliases[alias] = version
+                self.revision += 1
 
     # -- generation -------------------------------------------------------------------------
     @contextmanager

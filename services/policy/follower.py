@@ -13,31 +13,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, TopicPartition
 
+from services.adapters.state import AdapterHistory
 from services.common.kafka_io import KafkaSettings, UndecodableRecord, decode_record, ensure_topics
 from services.common.topics import adapters_topic
 from services.policy.adapters import AdapterNotFound, AdapterRegistry
 from spr.v1 import adapters_pb2
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AdapterTopicState:
-    """What the compacted topic says: every published manifest and every alias."""
-
-    manifests: dict[str, adapters_pb2.AdapterManifest] = field(default_factory=dict)
-    aliases: dict[str, str] = field(default_factory=dict)
-
-    def apply(self, event: adapters_pb2.AdapterEvent) -> None:
-        kind = event.WhichOneof("event")
-        if kind == "published":
-            self.manifests[event.published.version] = event.published
-        elif kind == "alias":
-            self.aliases[event.alias.alias] = event.alias.version
 
 
 class AdapterFollower:
@@ -54,7 +39,7 @@ class AdapterFollower:
         self.registry = registry
         self.kafka = kafka
         self.topic = adapters_topic()
-        self.state = AdapterTopicState()
+        self.state = AdapterHistory()
         self.on_event = on_event
         self.poll_timeout_ms = poll_timeout_ms
         self.idle_s = idle_s

@@ -17,18 +17,9 @@ from PIL import Image
 from services.adapters.store import AdapterStore
 from services.modelzoo.loading import load_policy
 from services.policy.adapters import BASE, AdapterRegistry
+from services.policy.sampling import Sampling
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """Per-request sampling parameters (SPEC: N = 8, temperature 0.7–1.0, top-p 0.9)."""
-
-    num_samples: int = 8
-    temperature: float = 1.0
-    top_p: float = 0.9
-    max_new_tokens: int = 64
-    seed: int | None = None
-    greedy: bool = False
+__all__ = ["GenerationRequest", "GenerationResult", "PolicyRunner", "Sampling", "chat_prompt"]
 
 
 @dataclass

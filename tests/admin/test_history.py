@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.admin.history import AdapterHistory
+from services.adapters.state import AdapterHistory
 from spr.v1 import adapters_pb2
 
 

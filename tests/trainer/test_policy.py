@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from services.admin.history import AdapterHistory
+from services.adapters.state import AdapterHistory
 from spr.v1 import adapters_pb2, pairs_pb2
 from trainer.config import PREFERENCE_ACCURACY, REWARD_MARGIN, TrainerConfig
 from trainer.publish import gate_passes, round_index

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from typing import Any
 
 # Triton's python stub embeds the interpreter without reading PYTHONPATH; honour it, so that the
@@ -122,23 +123,37 @@ class TritonPythonModel:
             "spr_policy_adapter_requests_total", "requests per adapter", counter
         )
         self._metric_cache: dict[tuple[int, str], Any] = {}
+        self._metrics_lock = threading.RLock()
+        self._published_revision = -1
 
     def _metric(self, family: Any, labels: dict[str, str]) -> Any:
         key = (id(family), json.dumps(labels, sort_keys=True))
-        if key not in self._metric_cache:
-            self._metric_cache[key] = family.Metric(labels=labels)
-        return self._metric_cache[key]
+        with self._metrics_lock:  # the follower thread refreshes gauges while execute() counts
+            if key not in self._metric_cache:
+                self._metric_cache[key] = family.Metric(labels=labels)
+            return self._metric_cache[key]
 
     def _publish_adapter_metrics(self) -> None:
-        aliases, resident = self.runner.adapters.snapshot()
-        for (fid, _labels), metric in self._metric_cache.items():
-            if fid in (id(self.m_resident), id(self.m_alias)):
-                metric.set(0)
-        for version, stats in resident.items():
-            self._metric(self.m_resident, {"version": version}).set(1)
-            self._metric(self.m_load, {"version": version}).set(stats.load_seconds)
-        for alias, version in aliases.items():
-            self._metric(self.m_alias, {"alias": alias, "version": version}).set(1)
+        """Refresh the residency and alias gauges, only when the registry changed since last time.
+
+        Called from execute() (on-demand loads) and from the follower thread, hence the lock.
+        """
+        with self._metrics_lock:
+            revision = (
+                self.runner.adapters.revision
+            )  # read first: a change racing with us is caught next time
+            if revision == self._published_revision:
+                return
+            self._published_revision = revision
+            aliases, resident = self.runner.adapters.snapshot()
+            for (fid, _labels), metric in self._metric_cache.items():
+                if fid in (id(self.m_resident), id(self.m_alias)):
+                    metric.set(0)
+            for version, stats in resident.items():
+                self._metric(self.m_resident, {"version": version}).set(1)
+                self._metric(self.m_load, {"version": version}).set(stats.load_seconds)
+            for alias, version in aliases.items():
+                self._metric(self.m_alias, {"alias": alias, "version": version}).set(1)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
