@@ -41,8 +41,3 @@ TRITON_SECONDS = metrics.histogram(
 TRITON_RETRIES = metrics.counter(
     "spr_describer_triton_retries", "Triton calls retried because Triton was unreachable or not ready."
 )
-STAGE_RECORDS = metrics.counter(
-    "spr_describer_stage_records",
-    "Records of the regions topic handled by the Kafka stage, by outcome (produced, dead_lettered, retried).",
-    ("outcome",),
-)

@@ -17,6 +17,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from services.common.images import ImageLimits
 from services.common.kafka_io import KafkaSettings
 from services.common.settings import GrpcServerSettings
+from services.common.stage_runner import RunnerSettings
 from services.describer.families import FAMILIES, ModelFamily, PromptKind, PromptTemplate, get_family
 
 
@@ -66,25 +67,18 @@ class TemplateSpec(BaseModel):
         return PromptTemplate(self.template_id, self.mode, self.text)
 
 
-class StageSettings(BaseModel):
-    """The Kafka stage ``regions`` -> ``descriptions`` (run with ``python -m services.describer.stage``)."""
+class StageSettings(RunnerSettings):
+    """The Kafka stage ``regions`` -> ``descriptions`` (run with ``python -m services.describer.stage``).
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Transport settings (bootstrap servers, batching, in-flight bound, retries, drain) are the shared
+    :class:`~services.common.stage_runner.RunnerSettings`.
+    """
 
-    bootstrap_servers: str = Field(
-        default="127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated."
-    )
-    api_version: str | None = Field(
-        default=None, description="Pin the Kafka protocol version, e.g. '2.0.0'; unset = negotiate."
-    )
-    session_timeout_ms: int = Field(default=45_000, ge=1000, description="Consumer group session timeout.")
-    heartbeat_interval_ms: int = Field(default=3_000, ge=100, description="Consumer heartbeat interval.")
-    max_poll_interval_ms: int = Field(default=300_000, ge=1000, description="Longest gap between two polls.")
     group_id: str = Field(default="spr-describer", description="Consumer group of the stage.")
     regions_topic: str = Field(default="regions", description="Topic of common_pb2.Region records.")
     descriptions_topic: str = Field(default="descriptions", description="Topic the DescriptionRecords go to.")
     dead_letter_topic: str = Field(default="regions.dlq", description="Failed input records.")
-    batch_size: int = Field(default=8, ge=1, description="Records per poll.")
+    batch_size: int = Field(default=8, ge=1, description="Most records in one batch.")
     concurrency: int = Field(
         default=4, ge=1, description="Records described at once (Triton batches concurrent requests)."
     )
@@ -97,10 +91,6 @@ class StageSettings(BaseModel):
         min_length=1,
         description="Prompt modes the stage rotates through, picked per region id (diversified prompts).",
     )
-    retry_backoff_s: float = Field(
-        default=2.0, ge=0, description="Pause before re-reading a record whose failure is retryable."
-    )
-    request_timeout_s: float = Field(default=120.0, gt=0, description="Deadline of one region's description.")
     metrics_port: int = Field(
         default=9462, ge=0, le=65535, description="Metrics port of the stage process (the server uses 9461)."
     )
@@ -114,15 +104,7 @@ class StageSettings(BaseModel):
 
     def kafka(self, client_id: str = "spr-describer") -> KafkaSettings:
         """The shared Kafka client settings."""
-        version = tuple(int(p) for p in self.api_version.split(".")) if self.api_version else None
-        return KafkaSettings(
-            bootstrap_servers=self.bootstrap_servers,
-            client_id=client_id,
-            api_version=version,
-            session_timeout_ms=self.session_timeout_ms,
-            heartbeat_interval_ms=self.heartbeat_interval_ms,
-            max_poll_interval_ms=self.max_poll_interval_ms,
-        )
+        return super().kafka(client_id)
 
 
 class DescriberSettings(GrpcServerSettings):

@@ -18,10 +18,10 @@ from services.common.kafka_io import (
     Topic,
     ensure_topics,
 )
-from services.describer import metrics
+from services.common.stage_runner import RECORDS
 from services.describer.logic import Describer
 from services.describer.settings import StageSettings
-from services.describer.stage import DescriberStage
+from services.describer.stage import STAGE_NAME, DescriberStage
 from services.devstack.broker import BrokerProcess
 from services.devstack.triton import TritonServer
 from spr.v1 import common_pb2, describer_pb2
@@ -137,10 +137,11 @@ def test_regions_become_descriptions_and_bad_records_are_dead_lettered(
     deadline = time.monotonic() + 60
     dlq: list[Any] = []
     descriptions: list[Any] = []
-    while time.monotonic() < deadline and len(descriptions) + len(dlq) < 3:
+    partition = TopicPartition(topics.regions_topic, 0)
+    while time.monotonic() < deadline and stage.consumer.raw.committed(partition) != 3:
         stage.step(timeout_ms=500)
-        descriptions = read_all(settings, topics.descriptions_topic, 1, timeout=0.5)
-        dlq = read_all(settings, topics.dead_letter_topic, 2, timeout=0.5)
+    descriptions = read_all(settings, topics.descriptions_topic, 1, timeout=5)
+    dlq = read_all(settings, topics.dead_letter_topic, 2, timeout=5)
 
     assert len(descriptions) == 1, caplog.text  # the stage logs why it retried or dead-lettered
     (produced,) = descriptions
@@ -169,7 +170,7 @@ def test_regions_become_descriptions_and_bad_records_are_dead_lettered(
     assert next(r for r in dlq if r.key == b"r-alien").value == b"\x0a\x01x"  # verbatim
 
     # Everything was committed, dead letters included.
-    assert stage.consumer.raw.committed(TopicPartition(topics.regions_topic, 0)) == 3
+    assert stage.consumer.raw.committed(partition) == 3
 
 
 def test_a_triton_outage_rewinds_instead_of_dead_lettering(
@@ -180,7 +181,7 @@ def test_a_triton_outage_rewinds_instead_of_dead_lettering(
     with ProtoProducer(settings) as producer:
         producer.send_and_wait(Topic(topics.regions_topic, common_pb2.Region), sent.region_id, sent)
     stage = stage_factory(topics, retry={"max_attempts": 1})  # make_settings points at a dead port
-    retried = metrics.STAGE_RECORDS.labels("retried")
+    retried = RECORDS.labels(STAGE_NAME, "retried")
     before = retried._value.get()
     deadline = time.monotonic() + 60
     while retried._value.get() - before < 2 and time.monotonic() < deadline:

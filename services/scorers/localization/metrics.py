@@ -28,8 +28,7 @@ S_LOC = metrics.histogram(
     (),
     buckets=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
 )
-STAGE_RECORDS = metrics.counter(
-    "spr_localization_stage_records",
-    "Description records handled by the stage, by outcome (produced, dead_lettered, retried).",
-    ("outcome",),
+MLLM_UNPARSED = metrics.counter(
+    "spr_localization_mllm_unparsed",
+    "Phrases the MLLM grounder answered without a parseable box (they get no grounded box).",
 )

@@ -21,8 +21,3 @@ SENTENCES = metrics.histogram(
     buckets=(1, 4, 8, 16, 32, 64, 128, 256),
 )
 S_SEM = metrics.histogram("spr_semantic_s_sem", "Distribution of S_sem.", (), buckets=_SCORE_BUCKETS)
-STAGE_RECORDS = metrics.counter(
-    "spr_semantic_stage_records",
-    "Description records handled by the stage, by outcome (produced, dead_lettered, retried).",
-    ("outcome",),
-)
