@@ -4,15 +4,26 @@
 Both sides train the same LoRA for the same steps on the same dataset (built once by
 `trainer.dataset.build_dataset`); the timed part is `trainer.train()` as TRL reports it
 (`train_samples_per_second`), so model loading is excluded on both sides. Goal: ratio >= 0.9.
-Peak memory: CUDA max allocated on a GPU, else the process's max RSS (which covers both runs).
+``--warmup`` first trains 2 untimed steps so that one-time costs (CUDA context, kernel selection, the
+allocator's first growth) land on neither side; with ``--repeats N`` the sides alternate N times
+(bare, ours, bare, ours, ...) and the medians are compared.
+Peak memory: per side, CUDA max allocated on a GPU (reset before each run); on CPU the process's max
+RSS, which covers both sides. ``--json FILE`` also writes the figures as JSON.
+`bench/gpu/run_trainer_gpu.sh` runs this on a GPU with a ~1B real-architecture Qwen2.5-VL in bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import resource
+import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +42,6 @@ from trainer.dataset import build_dataset  # noqa: E402
 from trainer.recipe import dpo_config, lora_config, train_round  # noqa: E402
 
 
-def _peak_mib(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def bare_trl(cfg: TrainerConfig, dataset: Any, out: Path) -> float:
     """The reference: load, DPOTrainer with a LoRA config, train; nothing else."""
     model, processor = load_policy(
@@ -52,15 +57,48 @@ def bare_trl(cfg: TrainerConfig, dataset: Any, out: Path) -> float:
     return float(trainer.train().metrics["train_samples_per_second"])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def ours(cfg: TrainerConfig, dataset: Any, out: Path) -> float:
+    """The trainer's recipe (`trainer.recipe.train_round`), no held-out evaluation."""
+    return train_round(cfg, dataset, dataset.select([]), None, out).train_samples_per_second
+
+
+def measured(
+    run: Callable[[TrainerConfig, Any, Path], float], cfg: TrainerConfig, dataset: Any, out: Path
+) -> tuple[float, float]:
+    """(samples/s, peak MiB) of one run; CUDA peaks are per run, CPU max RSS is per process."""
+    on_gpu = cfg.resolved_device().startswith("cuda")
+    if on_gpu:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    speed = run(cfg, dataset, out)
+    if on_gpu:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gc.collect()
+    return speed, peak
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--pairs", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--model", default="", help="policy folder/id (default: the tiny Qwen2.5-VL)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--lora-r", type=int, default=16)
-    args = parser.parse_args()
+    parser.add_argument("--image-size", default="64x48", help="synthetic image WxH")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating runs per side")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
+    parser.add_argument("--warmup", action="store_true", help="2 untimed training steps first")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     model = args.model or str(ensure_model("tiny-qwen2.5-vl"))
+    width, height = (int(v) for v in args.image_size.lower().split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         cfg = TrainerConfig(
@@ -68,26 +106,67 @@ def main() -> int:
             device=args.device,
             lora_r=args.lora_r,
             lora_alpha=2 * args.lora_r,
-            batch_size=4,
+            batch_size=args.batch_size,
             max_steps=args.steps,
             heldout_fraction=0.0,
         )
-        dataset = build_dataset(make_pairs(work / "img", args.pairs), get_family(cfg.model_family))
-        empty = dataset.select([])
-        bare = bare_trl(cfg, dataset, work / "bare")
-        ours = train_round(cfg, dataset, empty, None, work / "ours").train_samples_per_second
+        started = time.monotonic()
+        pairs = make_pairs(work / "img", args.pairs, size=(width, height))
+        dataset = build_dataset(pairs, get_family(cfg.model_family))
+        build_s = time.monotonic() - started
+        if args.warmup:
+            ours(replace(cfg, max_steps=2), dataset, work / "warmup")
+        runs: dict[str, list[tuple[float, float]]] = {"bare": [], "ours": []}
+        for i in range(args.repeats):
+            runs["bare"].append(measured(bare_trl, cfg, dataset, work / f"bare-{i}"))
+            runs["ours"].append(measured(ours, cfg, dataset, work / f"ours-{i}"))
+    report(args, cfg, model, build_s, runs)
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    cfg: TrainerConfig,
+    model: str,
+    build_s: float,
+    runs: dict[str, list[tuple[float, float]]],
+) -> None:
     device = cfg.resolved_device()
     on_gpu = device.startswith("cuda")
-    card = torch.cuda.get_device_name() if on_gpu else "cpu"
-    print(f"device {device} ({card}), bf16 {cfg.use_bf16()}")
+    bare = statistics.median(speed for speed, _ in runs["bare"])
+    mine = statistics.median(speed for speed, _ in runs["ours"])
+    peaks = {side: max(peak for _, peak in results) for side, results in runs.items()}
+    figures = {
+        "device": device,
+        "card": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "bf16": cfg.use_bf16(),
+        "model": model,
+        "pairs": args.pairs,
+        "steps": args.steps,
+        "batch_size": cfg.batch_size,
+        "lora_r": cfg.lora_r,
+        "image_size": args.image_size,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "dataset_build_s": round(build_s, 2),
+        "bare_samples_per_s": [round(s, 3) for s, _ in runs["bare"]],
+        "ours_samples_per_s": [round(s, 3) for s, _ in runs["ours"]],
+        "ratio": round(mine / bare, 4),
+        "peak_mib": {side: round(peak) for side, peak in peaks.items()},
+        "peak_kind": "CUDA max allocated" if on_gpu else "max RSS (process)",
+        "torch": torch.__version__,
+    }
+    print(f"device {device} ({figures['card']}), bf16 {cfg.use_bf16()}, torch {torch.__version__}")
     print(
-        f"model {model}, {args.pairs} pairs, {args.steps} steps x batch {cfg.batch_size}, LoRA r {cfg.lora_r}"
+        f"model {model}, {args.pairs} pairs of {args.image_size} images (built in {build_s:.1f}s), "
+        f"{args.steps} steps x batch {cfg.batch_size}, LoRA r {cfg.lora_r}, {args.repeats} run(s) per side"
     )
-    print(f"bare TRL DPOTrainer : {bare:8.2f} samples/s")
-    print(f"spr trainer recipe  : {ours:8.2f} samples/s")
-    print(f"ratio               : {ours / bare:8.3f} (goal >= 0.9)")
-    print(f"peak memory         : {_peak_mib(device):8.0f} MiB ({'CUDA allocated' if on_gpu else 'max RSS'})")
-    return 0
+    print(f"bare TRL DPOTrainer : {bare:8.2f} samples/s (median), peak {peaks['bare']:8.0f} MiB")
+    print(f"spr trainer recipe  : {mine:8.2f} samples/s (median), peak {peaks['ours']:8.0f} MiB")
+    print(f"ratio               : {mine / bare:8.3f} (goal >= 0.9)")
+    print(f"peak memory         : {figures['peak_kind']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """`python -m trainer once|run|rollback|export-parquet [--field value ...]` (`--help` lists every field).
 
 * once: read the pairs waiting from the committed offsets, train one round, publish, commit; exit.
-* run: the long-running mode; trains whenever the trigger policy says so (N pairs / T minutes / file).
+* run: the long-running mode; trains every N new pairs, every T minutes, or on demand (Admin
+  TriggerTraining -> `trainer.control`).
 * rollback: re-point an alias (`--alias stable [--to_version V]`) on the `adapters` topic.
 * export-parquet: write the waiting pairs as a Hugging Face Parquet dataset (`--out FILE`); commits nothing.
 """
@@ -35,12 +36,14 @@ class CommandArgs:
 
 
 def _once(cfg: TrainerConfig) -> int:
-    from trainer.rounds import run_round
+    from spr.v1 import adapters_pb2
+    from trainer.rounds import make_trigger, run_round
     from trainer.source import Batch, drain, open_consumer
 
     consumer = open_consumer(cfg)
     try:
-        report = run_round(cfg, consumer, drain(consumer, cfg, Batch()))
+        trigger = make_trigger(adapters_pb2.TRIGGER_KIND_ONE_SHOT, "spr-trainer once")
+        report = run_round(cfg, consumer, drain(consumer, cfg, Batch()), trigger)
     finally:
         consumer.close()
     print(json.dumps(asdict(report), sort_keys=True))
@@ -50,27 +53,35 @@ def _once(cfg: TrainerConfig) -> int:
 def _run(cfg: TrainerConfig) -> int:
     from prometheus_client import start_http_server
 
-    from trainer.rounds import Trigger, run_round
-    from trainer.source import Batch, open_consumer
+    from services.adapters.store import AdapterStore
+    from trainer.rounds import SKIPPED, TriggerPolicy, run_round
+    from trainer.source import Batch, on_demand, open_consumer, open_control_consumer
 
     if cfg.metrics_port:
         start_http_server(cfg.metrics_port)
-    trigger, consumer, batch = Trigger(cfg), open_consumer(cfg), Batch()
+    policy, store = TriggerPolicy(cfg), AdapterStore(cfg.store)
+    consumer, control, batch = open_consumer(cfg), open_control_consumer(cfg), Batch()
+    trained = store.trained_pair_ids()
     try:
         while True:
             batch.add(consumer.poll(timeout_ms=1000, max_records=cfg.max_pairs))
-            reason = trigger.due(batch)
-            if reason:
-                log.info("round triggered: %s", reason)
-                report = run_round(cfg, consumer, batch)
-                log.info("round: %s", json.dumps(asdict(report), sort_keys=True))
-                batch = Batch()
-            else:
+            polled = control.poll(timeout_ms=100, max_records=1)  # one request per round
+            trigger = policy.due(batch, trained, on_demand(polled))
+            if trigger is None:
+                control.commit(polled)  # malformed control records only: logged, not retried
                 time.sleep(0.1)
+                continue
+            log.info("round triggered: %s", trigger.reason)
+            report = run_round(cfg, consumer, batch, trigger)
+            log.info("round: %s", json.dumps(asdict(report), sort_keys=True))
+            control.commit(polled)  # the request is answered only once its round is over
+            if report.outcome != SKIPPED:  # a skipped batch stays: its records are not committed
+                batch, trained = Batch(), store.trained_pair_ids()
     except KeyboardInterrupt:
         return 0
     finally:
         consumer.close()
+        control.close()
 
 
 def _rollback(cfg: TrainerConfig, args: CommandArgs) -> int:

@@ -82,15 +82,12 @@ class TrainerConfig:
     )
     min_pairs: int = field(default=2, metadata=_help("Never train on fewer pairs than this."))
     max_pairs: int = field(default=100_000, metadata=_help("Pairs consumed into one round at most."))
-    trigger_file: str = field(
-        default="",
-        metadata=_help(
-            "On-demand trigger: training starts when this file appears (the Admin API touches it)."
-        ),
-    )
     # --- Kafka -----------------------------------------------------------------------------------
     bootstrap_servers: str = field(default="localhost:9092", metadata=_help("Kafka bootstrap servers."))
-    group_id: str = field(default="spr-trainer", metadata=_help("Consumer group on the pairs topic."))
+    group_id: str = field(
+        default="spr-trainer",
+        metadata=_help("Consumer group on `pairs`; `<group_id>.control` reads on-demand requests."),
+    )
     kafka_api_version: str = field(default="", metadata=_help("Pin the protocol, e.g. '2.0'; '' negotiates."))
     kafka_session_timeout_ms: int = field(default=45_000, metadata=_help("Consumer session timeout."))
     kafka_max_poll_interval_ms: int = field(

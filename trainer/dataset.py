@@ -11,11 +11,20 @@ One row per `spr.v1.PreferencePair`, in TRL's conversational vision format:
 
 `datasets.Dataset.to_parquet` writes it as a plain Hugging Face dataset (images as PNG bytes), which
 `DPOTrainer` loads back as is (`datasets.load_dataset("parquet", ...)`).
+
+The export also serves LLaMA-Factory as is: the same file carries its ShareGPT preference layout in
+three more columns (`conversations`: the prompt turns with an ``<image>`` placeholder per image;
+`chosen_message` / `rejected_message`: one assistant turn each, as objects), and `export_parquet`
+writes the `dataset_info.json` entry (``formatting: sharegpt``, ``ranking: true``, the column and
+role-tag mapping) beside it, so ``dataset_dir`` = the export's folder and ``dataset`` = its stem
+work without editing anything. Those names are none of the keys TRL reads (`prompt`, `chosen`,
+`rejected`, `messages`, ...), so TRL ignores them; LLaMA-Factory's `images` is TRL's `images`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,10 +121,67 @@ def split_heldout(dataset: Dataset, fraction: float) -> tuple[Dataset, Dataset]:
     return dataset.select(train), dataset.select(held)
 
 
+#: LLaMA-Factory's image placeholder in message text (one per entry of `images`).
+LLAMA_FACTORY_IMAGE = "<image>"
+_SHAREGPT_MESSAGE = {"role": Value("string"), "content": Value("string")}
+LLAMA_FACTORY_FEATURES = Features(
+    {
+        **FEATURES,
+        "conversations": List(_SHAREGPT_MESSAGE),
+        "chosen_message": _SHAREGPT_MESSAGE,
+        "rejected_message": _SHAREGPT_MESSAGE,
+    }
+)
+
+
+def sharegpt_message(turn: dict[str, Any]) -> dict[str, str]:
+    """A TRL turn (content blocks) as a ShareGPT message: text, images as placeholders, in order."""
+    parts = [LLAMA_FACTORY_IMAGE if block["type"] == "image" else block["text"] for block in turn["content"]]
+    return {"role": turn["role"], "content": "".join(parts)}
+
+
+def with_llama_factory_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """The LLaMA-Factory columns of one TRL row (a single-turn chosen/rejected each)."""
+    (chosen,), (rejected,) = row["chosen"], row["rejected"]
+    return {
+        "conversations": [sharegpt_message(turn) for turn in row["prompt"]],
+        "chosen_message": sharegpt_message(chosen),
+        "rejected_message": sharegpt_message(rejected),
+    }
+
+
+def llama_factory_entry(parquet_name: str) -> dict[str, Any]:
+    """The `dataset_info.json` entry that makes LLaMA-Factory read an export as a preference dataset."""
+    return {
+        "file_name": parquet_name,
+        "formatting": "sharegpt",
+        "ranking": True,
+        "columns": {
+            "messages": "conversations",
+            "chosen": "chosen_message",
+            "rejected": "rejected_message",
+            "images": "images",
+        },
+        "tags": {
+            "role_tag": "role",
+            "content_tag": "content",
+            "user_tag": "user",
+            "assistant_tag": "assistant",
+            "system_tag": "system",
+        },
+    }
+
+
 def export_parquet(dataset: Dataset, path: Path) -> Path:
-    """Write `dataset` as one Parquet file (readable by `datasets.load_dataset("parquet")`)."""
+    """Write `dataset` as one Parquet file that TRL and LLaMA-Factory read as is, and register it (under
+    its file stem) in the `dataset_info.json` beside it, keeping the entries already there."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    dataset.to_parquet(str(path))
+    exported = dataset.map(with_llama_factory_columns, features=LLAMA_FACTORY_FEATURES)
+    exported.to_parquet(str(path))
+    info_path = path.parent / "dataset_info.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info[path.stem] = llama_factory_entry(path.name)
+    info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return path
 
 

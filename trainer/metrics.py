@@ -15,6 +15,9 @@ PREFERENCE_ACCURACY = Gauge(
     "spr_trainer_preference_accuracy", "Fraction of pairs whose chosen reward beats the rejected.", ["split"]
 )
 PAIRS_CONSUMED = Counter("spr_trainer_pairs_consumed_total", "Pairs trained on (committed rounds).")
+PAIRS_ALREADY_TRAINED = Counter(
+    "spr_trainer_pairs_already_trained_total", "Pairs dropped: a published version was trained on them."
+)
 ADAPTERS_PUBLISHED = Counter("spr_trainer_adapters_published_total", "Adapter versions published.")
 PROMOTIONS = Counter("spr_trainer_promotions_total", "Versions moved to stable by the eval gate.")
 ROUNDS = Counter("spr_trainer_rounds_total", "Training rounds by outcome.", ["outcome"])

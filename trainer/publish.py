@@ -8,8 +8,10 @@ Order matters for crash safety (issue 6, "Commit last"):
 3. move `stable` only if the eval gate (the admin's `services.admin.gate` rule) passes;
 4. the caller commits the Kafka offsets — only after all of the above returned.
 
-A crash between 1 and 4 redelivers the pairs; the rerun trains the same weights from the same data
-(fixed seed) and publishing identical content is idempotent (content-addressed version).
+A crash between 1 and 4 redelivers the pairs. The version holds the ids of its pairs
+(`services.adapters.store.PAIR_IDS_NAME`), so the rerun does not train them again: it first finishes
+the interrupted publication (`finish_interrupted`: steps 2 and 3 for a stored version the topic never
+heard of), then drops the already-trained pairs and commits their offsets.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def build_manifest(
     pair_count: int,
     dataset_sha: str,
     metrics: dict[str, float],
+    trigger: adapters_pb2.TrainingTrigger,
 ) -> adapters_pb2.AdapterManifest:
     """Lineage of one round; the store fills in version, files, uri and time."""
     return adapters_pb2.AdapterManifest(
@@ -106,6 +109,7 @@ def build_manifest(
         hyperparameters=cfg.hyperparameters(),
         metrics=metrics,
         code_version=code_version(),
+        trigger=trigger,
     )
 
 
@@ -143,12 +147,49 @@ def publish_round(
     log.info("publishing adapter from %s", adapter_dir)
     published = store.publish(adapter_dir, manifest, round_index(manifest.parent_version))
     log.info("published %s", published.version)
+    return published, announce_round(cfg, producer, published, history)
+
+
+def announce_round(
+    cfg: TrainerConfig,
+    producer: ProtoProducer,
+    published: adapters_pb2.AdapterManifest,
+    history: AdapterHistory,
+) -> bool:
+    """Announce a stored version, move `latest` to it, and `stable` if the gate passes; returns promoted."""
     announce_version(producer, published)
     move_alias(producer, LATEST, published.version, "trained")
     promoted = gate_passes(cfg, published, history)
     if promoted:
         move_alias(producer, STABLE, published.version, "eval gate passed")
-    return published, promoted
+    return promoted
+
+
+def interrupted_versions(store: AdapterStore, history: AdapterHistory) -> list[adapters_pb2.AdapterManifest]:
+    """Stored versions of this base the topic never heard of, newer than every announced one: rounds
+    killed between the store's rename and their announcement. Older unannounced versions (restored
+    backups, say) are left to the Admin API: announcing them would move `latest` backwards."""
+    announced = [m.created_unix_ms for m in history.manifests.values()]
+    newest = max(announced, default=0)
+    return [
+        m for m in store.list_versions() if m.version not in history.manifests and m.created_unix_ms > newest
+    ]
+
+
+def finish_interrupted(
+    cfg: TrainerConfig, store: AdapterStore, producer: ProtoProducer, history: AdapterHistory
+) -> list[str]:
+    """Finish the publication of interrupted rounds (oldest first); returns their versions."""
+    finished = []
+    for manifest in interrupted_versions(store, history):
+        if manifest.base_model_id != cfg.base_model:
+            continue
+        verified = store.verify(manifest.version, expected_base_model_id=cfg.base_model).manifest
+        log.info("finishing the interrupted publication of %s", verified.version)
+        announce_round(cfg, producer, verified, history)
+        history.apply(adapters_pb2.AdapterEvent(published=verified))
+        finished.append(verified.version)
+    return finished
 
 
 def rollback(cfg: TrainerConfig, alias: str, to_version: str, reason: str) -> adapters_pb2.AliasResponse:

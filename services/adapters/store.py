@@ -4,6 +4,7 @@ Layout (a plain directory, a mounted PVC, or any path a pod can reach)::
 
     <root>/versions/<version>/adapter_config.json
                               adapter_model.safetensors      # standard PEFT folder: PEFT, vLLM load it
+                              spr_pair_ids.txt               # ids of the pairs it was trained on
                               spr_manifest.json              # spr.v1.AdapterManifest as JSON, written last
     <root>/staging/<random>/                                 # work area, never listed
 
@@ -12,6 +13,12 @@ Publication writes into `staging/`, fsyncs, then renames the folder into `versio
 written, the rule that carries over to object stores, which have no rename). Versions are named
 `spr-v<round>-<hash8>` where hash8 is taken from the sha256 of the adapter's files and base model,
 so the same training output always gets the same name and re-publishing is idempotent.
+
+`spr_pair_ids.txt` (one pair id a line, sorted) is how the trainer never trains a pair twice: a pair
+id that reappears on `pairs` after the round that used it was published (an upstream retry, a replay)
+is found in :meth:`AdapterStore.trained_pair_ids`. It lives inside the version folder, so it becomes
+visible in the same rename as the weights: a crash can neither lose the record nor leave it without
+its version. PEFT and vLLM ignore the extra file.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +37,7 @@ from google.protobuf import json_format
 from spr.v1 import adapters_pb2
 
 MANIFEST_NAME = "spr_manifest.json"
+PAIR_IDS_NAME = "spr_pair_ids.txt"
 _CHUNK = 1 << 20
 
 
@@ -69,6 +78,16 @@ def content_version(files: list[adapters_pb2.FileDigest], base_model_id: str, ro
     for f in files:
         digest.update(f"{f.path}\0{f.sha256}\0".encode())
     return f"spr-v{round_index}-{digest.hexdigest()[:8]}"
+
+
+def write_pair_ids(folder: Path, pair_ids: Iterable[str]) -> Path:
+    """Record in an adapter folder the ids of the pairs it was trained on (before publishing it)."""
+    ids = sorted(set(pair_ids))
+    if any(not pid or "\n" in pid for pid in ids):
+        raise AdapterStoreError("pair ids must be non-empty single-line strings")
+    path = folder / PAIR_IDS_NAME
+    path.write_text("".join(f"{pid}\n" for pid in ids))
+    return path
 
 
 def manifest_to_json(manifest: adapters_pb2.AdapterManifest) -> str:
@@ -149,6 +168,17 @@ class AdapterStore:
             if path.is_file():
                 manifests.append(manifest_from_json(path.read_text()))
         return sorted(manifests, key=lambda m: (m.created_unix_ms, m.version))
+
+    def trained_pair_ids(self) -> set[str]:
+        """Ids of every pair some complete version was trained on (versions without the file add none)."""
+        trained: set[str] = set()
+        if not self.versions_dir.is_dir():
+            return trained
+        for folder in self.versions_dir.iterdir():
+            ids = folder / PAIR_IDS_NAME
+            if (folder / MANIFEST_NAME).is_file() and ids.is_file():
+                trained.update(line for line in ids.read_text().splitlines() if line)
+        return trained
 
     def path_of(self, version: str) -> Path:
         if not version or "/" in version or version.startswith("."):

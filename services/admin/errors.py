@@ -58,10 +58,3 @@ class NoPreviousVersion(SprError):
 
     code = "NO_PREVIOUS_VERSION"
     status = grpc.StatusCode.FAILED_PRECONDITION
-
-
-class TrainingTriggerUnavailable(SprError):
-    """On-demand training is not wired up in this deployment."""
-
-    code = "TRAINING_TRIGGER_UNIMPLEMENTED"
-    status = grpc.StatusCode.UNIMPLEMENTED

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import re
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import NoReturn
 
 from kafka.errors import KafkaError
 
@@ -35,7 +36,6 @@ from services.admin.errors import (
     EvalGateFailed,
     EvalMetricsMissing,
     NoPreviousVersion,
-    TrainingTriggerUnavailable,
     VersionNotInStore,
 )
 from services.admin.gate import evaluate_gate, require_gate
@@ -44,8 +44,12 @@ from services.admin.pipeline import PipelineStatsReader
 from services.admin.replicas import ReplicaStatus, merge_loaded, scrape_replicas
 from services.admin.settings import AdminSettings, fail_fast_producer
 from services.common.errors import InvalidRequest, UpstreamUnavailable
-from services.common.kafka_io import ProtoProducer
+from services.common.kafka_io import ProtoProducer, ensure_topics
+from services.common.topics import trainer_control_topic
 from spr.v1 import adapters_pb2
+
+#: A trigger's reason is stored in every manifest it leads to: a sentence, not a document.
+MAX_TRIGGER_REASON = 500
 
 #: Alias names end up in the record key ``alias/<name>`` and in metric labels: keep them plain.
 _ALIAS_RE = re.compile(r"^[a-z][a-z0-9._-]{0,62}$")
@@ -82,6 +86,7 @@ class AdminCore:
         self._moves_lock = threading.Lock()
         self._producer_lock = threading.Lock()
         self._producer: ProtoProducer | None = None
+        self._control_topic_ready = False
 
     def close(self) -> None:
         """Close the Kafka clients."""
@@ -238,11 +243,32 @@ class AdminCore:
             ]
         )
 
-    def trigger_training(self, reason: str = "") -> NoReturn:
-        """Always refuses: on-demand training comes with the trainer (issue 6), not faked here."""
-        raise TrainingTriggerUnavailable(
-            "on-demand training is not available: the trainer's trigger (issue 6) is not wired to the "
-            "Admin API yet; the trainer runs on its own pair-count/interval policy"
+    def trigger_training(self, reason: str = "") -> adapters_pb2.TriggerTrainingResponse:
+        """Queue an on-demand round on ``trainer.control``; the trainer's run mode starts it when it reads it.
+
+        Accepted means durably queued (acknowledged by the broker), not trained: the round's manifest
+        records the returned ``trigger_id``, which is how a caller finds the version it led to.
+        """
+        if len(reason) > MAX_TRIGGER_REASON:
+            raise InvalidRequest(f"reason is {len(reason)} characters, at most {MAX_TRIGGER_REASON} allowed")
+        trigger = adapters_pb2.TrainingTrigger(
+            trigger_id=f"trigger-{uuid.uuid4().hex[:12]}",
+            kind=adapters_pb2.TRIGGER_KIND_ON_DEMAND,
+            reason=reason or "requested through the Admin API",
+            requested_unix_ms=int(time.time() * 1000),
+        )
+        topic = trainer_control_topic()
+        with self._producing() as producer:
+            if not self._control_topic_ready:
+                ensure_topics(self.kafka, [topic])
+                self._control_topic_ready = True
+            sent = producer.send_and_wait(topic, trigger.trigger_id, trigger)
+        metrics.TRAINING_TRIGGERS.inc()
+        return adapters_pb2.TriggerTrainingResponse(
+            accepted=True,
+            trigger_id=trigger.trigger_id,
+            message=f"queued on {topic.name} at offset {sent.offset}; the trainer (run mode) starts a round "
+            "when it reads it, and that round's manifest records this trigger_id",
         )
 
     # --- helpers ----------------------------------------------------------------------------------

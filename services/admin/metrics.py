@@ -40,3 +40,6 @@ DEAD_LETTERS = metrics.gauge(
     "Records ever written to each stage's dead-letter topics (updated by GetPipelineStats).",
     ("stage",),
 )
+TRAINING_TRIGGERS = metrics.counter(
+    "spr_admin_training_triggers", "On-demand training rounds queued on trainer.control (TriggerTraining)."
+)

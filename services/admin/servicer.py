@@ -51,8 +51,8 @@ class AdminServicer(adapters_pb2_grpc.AdminServicer):
     def TriggerTraining(
         self, request: adapters_pb2.TriggerTrainingRequest, context: grpc.ServicerContext
     ) -> adapters_pb2.TriggerTrainingResponse:
-        """UNIMPLEMENTED until the trainer provides an on-demand trigger."""
-        self.core.trigger_training(request.reason)
+        """Queue an on-demand training round for the long-running trainer; returns its trigger id."""
+        return self.core.trigger_training(request.reason)
 
 
 def make_register(settings: AdminSettings) -> RegisterFn:

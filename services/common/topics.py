@@ -18,6 +18,7 @@ SCORES_LOCALIZATION = "scores.localization"
 SCORES_SEMANTIC = "scores.semantic"
 PAIRS = "pairs"
 ADAPTERS = "adapters"
+TRAINER_CONTROL = "trainer.control"
 DEAD_LETTER_SUFFIX = ".dlq"
 
 
@@ -28,6 +29,20 @@ def adapters_topic(partitions: int = 1) -> Topic[adapters_pb2.AdapterEvent]:
         adapters_pb2.AdapterEvent,
         partitions=partitions,
         config={"cleanup.policy": "compact"},
+    )
+
+
+def trainer_control_topic() -> Topic[adapters_pb2.TrainingTrigger]:
+    """On-demand training requests (Admin TriggerTraining -> the long-running trainer), keyed by trigger id.
+
+    One partition keeps requests in order; a week's retention lets a trainer that was down act on what
+    was asked meanwhile (it commits each request after the round it started).
+    """
+    return Topic(
+        TRAINER_CONTROL,
+        adapters_pb2.TrainingTrigger,
+        partitions=1,
+        config={"retention.ms": str(7 * 24 * 3600 * 1000)},
     )
 
 

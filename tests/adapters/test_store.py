@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from services.adapters.store import MANIFEST_NAME, AdapterStore, AdapterStoreError
+from services.adapters.store import (
+    MANIFEST_NAME,
+    PAIR_IDS_NAME,
+    AdapterStore,
+    AdapterStoreError,
+    write_pair_ids,
+)
 from spr.v1 import adapters_pb2
 
 
@@ -87,3 +93,23 @@ def test_publisher_killed_mid_copy_leaves_no_listed_version(tmp_path: Path) -> N
     )
     assert store.clean_staging(older_than_s=-1) >= 0
     assert not any(staging.iterdir())
+
+
+def test_trained_pair_ids_come_from_complete_versions_only(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "store")
+    first = _adapter_folder(tmp_path, b"weights-1" * 100)
+    write_pair_ids(first, ["p2", "p1", "p1"])
+    assert (first / PAIR_IDS_NAME).read_text() == "p1\np2\n"  # sorted, unique: content-addressed
+    published = store.publish(first, _manifest(), round_index=1)
+    assert PAIR_IDS_NAME in {f.path for f in published.files}  # covered by the manifest's checksums
+    second = _adapter_folder(tmp_path, b"weights-2" * 100)
+    write_pair_ids(second, ["p3"])
+    store.publish(second, _manifest(), round_index=2)
+    store.publish(_adapter_folder(tmp_path, b"weights-3" * 100), _manifest(), round_index=3)  # no ids file
+    # A version folder without its manifest is incomplete (a crash mid-publication): not counted.
+    partial = store.versions_dir / "spr-v9-00000000"
+    partial.mkdir()
+    (partial / PAIR_IDS_NAME).write_text("p9\n")
+    assert store.trained_pair_ids() == {"p1", "p2", "p3"}
+    with pytest.raises(AdapterStoreError):
+        write_pair_ids(second, ["two\nlines"])

@@ -13,9 +13,10 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from services.adapters.events import announce_version, move_alias
+from services.admin.logic import MAX_TRIGGER_REASON
 from services.common.errors import error_code_of
 from services.common.kafka_io import ProtoProducer, UndecodableRecord, decode_record
-from services.common.topics import adapters_topic
+from services.common.topics import adapters_topic, trainer_control_topic
 from services.devstack.broker import BrokerProcess
 from services.devstack.process import free_port
 from spr.v1 import adapters_pb2
@@ -236,12 +237,45 @@ def test_a_restarted_admin_rolls_back_from_the_topic_history(
     assert (back.alias.version, back.previous_version) == (v1, v2)
 
 
-def test_trigger_training_is_unimplemented(admin: AdminHarness) -> None:
-    error = rpc_error(
-        lambda: admin.stub.TriggerTraining(adapters_pb2.TriggerTrainingRequest(reason="now"), timeout=30)
-    )
-    assert error.code() is grpc.StatusCode.UNIMPLEMENTED
-    assert "trainer" in (error.details() or "")
+def control_records(broker: BrokerProcess) -> list[tuple[str, adapters_pb2.TrainingTrigger]]:
+    """Every (key, trigger) on trainer.control, in order."""
+    topic = trainer_control_topic()
+    consumer = KafkaConsumer(**broker.settings().common_kwargs(), group_id=None, enable_auto_commit=False)
+    try:
+        tp = TopicPartition(topic.name, 0)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        end = consumer.end_offsets([tp])[tp]
+        out = []
+        while consumer.position(tp) < end:
+            for records in consumer.poll(timeout_ms=500).values():
+                for record in records:
+                    decoded = decode_record(topic, record)
+                    assert not isinstance(decoded, UndecodableRecord), decoded.reason
+                    out.append((decoded.key, decoded.message))
+        return out
+    finally:
+        consumer.close()
+
+
+def test_trigger_training_queues_an_on_demand_request(admin: AdminHarness, broker: BrokerProcess) -> None:
+    before = int(time.time() * 1000)
+    first = admin.stub.TriggerTraining(adapters_pb2.TriggerTrainingRequest(reason="new data"), timeout=30)
+    second = admin.stub.TriggerTraining(adapters_pb2.TriggerTrainingRequest(), timeout=30)
+    assert first.accepted and second.accepted and first.trigger_id != second.trigger_id
+    assert "trainer.control" in first.message
+    (key1, queued1), (key2, queued2) = control_records(broker)
+    assert (key1, key2) == (first.trigger_id, second.trigger_id)
+    assert queued1.trigger_id == first.trigger_id and queued1.reason == "new data"
+    assert queued1.kind == adapters_pb2.TRIGGER_KIND_ON_DEMAND and queued1.requested_unix_ms >= before
+    assert queued2.reason  # a default reason, never empty lineage
+
+
+def test_trigger_training_refuses_an_oversized_reason(admin: AdminHarness, broker: BrokerProcess) -> None:
+    request = adapters_pb2.TriggerTrainingRequest(reason="x" * (MAX_TRIGGER_REASON + 1))
+    error = rpc_error(lambda: admin.stub.TriggerTraining(request, timeout=30))
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_code_of(error) == "INVALID_REQUEST"
 
 
 @pytest.mark.parametrize("connected_before", [True, False], ids=["connected", "never-connected"])

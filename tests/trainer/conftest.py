@@ -17,18 +17,25 @@ def tiny_policy() -> Path:
     return ensure_model("tiny-qwen2.5-vl")
 
 
-def make_pairs(folder: Path, n: int, run_id: str = "run-1") -> list[pairs_pb2.PreferencePair]:
-    """`n` pairs over distinct 64x48 images; crop and full-image prompts alternate."""
+def make_pairs(
+    folder: Path, n: int, run_id: str = "run-1", size: tuple[int, int] = (64, 48)
+) -> list[pairs_pb2.PreferencePair]:
+    """`n` pairs over distinct `size` images (64x48 by default); crop and full-image prompts alternate.
+
+    The region box scales with the image, so bigger images give proportionally more image tokens.
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    sx, sy = width / 64, height / 48
     pairs = []
     for i in range(n):
         path = folder / f"img-{i}.png"
-        Image.new("RGB", (64, 48), (30 * i % 255, 100, 200)).save(path)
+        Image.new("RGB", size, (30 * i % 255, 100, 200)).save(path)
         mode = describer_pb2.PROMPT_MODE_CROP if i % 2 else describer_pb2.PROMPT_MODE_FULL_IMAGE_BOX
         region = common_pb2.Region(
             region_id=f"r{i}",
-            image=common_pb2.ImageRef(uri=path.as_uri(), width=64, height=48),
-            box=common_pb2.Box(x1=4.5, y1=2, x2=40, y2=30.2),
+            image=common_pb2.ImageRef(uri=path.as_uri(), width=width, height=height),
+            box=common_pb2.Box(x1=4.5 * sx, y1=2 * sy, x2=40 * sx, y2=30.2 * sy),
         )
         pairs.append(
             pairs_pb2.PreferencePair(

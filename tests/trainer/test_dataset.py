@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from PIL import Image
@@ -10,6 +11,7 @@ from services.describer.families import get_family
 from services.modelzoo.loading import load_policy_processor
 from services.policy.runner import chat_prompt
 from tests.trainer.conftest import make_pairs, small_config
+from tests.trainer.interop import assert_llama_factory_reads, assert_vllm_loads
 from trainer.dataset import (
     build_dataset,
     dataset_sha256,
@@ -44,10 +46,30 @@ def test_prompt_renders_exactly_as_serving(tmp_path: Path, tiny_policy: Path) ->
 def test_parquet_round_trip_keeps_rows_and_hash(tmp_path: Path) -> None:
     dataset = build_dataset(make_pairs(tmp_path / "img", 4), FAMILY)
     loaded = load_parquet(export_parquet(dataset, tmp_path / "pairs.parquet"))
-    assert loaded.column_names == dataset.column_names
+    assert loaded.column_names[: len(dataset.column_names)] == dataset.column_names  # + LLaMA-Factory's
     assert loaded["pair_id"] == dataset["pair_id"]
     assert isinstance(loaded[0]["images"][0], Image.Image)
     assert dataset_sha256(loaded) == dataset_sha256(dataset)
+
+
+def test_parquet_export_reads_in_llama_factory_as_a_preference_dataset(tmp_path: Path) -> None:
+    pairs = make_pairs(tmp_path / "img", 3)
+    dataset = build_dataset(pairs, FAMILY)
+    export_parquet(dataset, tmp_path / "out" / "round-1.parquet")
+    export_parquet(build_dataset(pairs[:1], FAMILY), tmp_path / "out" / "round-2.parquet")
+
+    rows = assert_llama_factory_reads(tmp_path / "out", "round-1")
+    assert len(assert_llama_factory_reads(tmp_path / "out", "round-2")) == 1  # both entries registered
+    assert len(rows) == 3
+    for row, pair, trl_row in zip(rows, pairs, dataset, strict=True):
+        # The image comes first, as in TRL's prompt turn (and serving's chat_prompt).
+        assert row["_prompt"] == [{"role": "user", "content": "<image>" + pair.prompt}]
+        assert row["_response"] == [
+            {"role": "assistant", "content": pair.chosen.text},
+            {"role": "assistant", "content": pair.rejected.text},
+        ]
+        (image,), (trl_image,) = row["_images"], trl_row["images"]
+        assert image.size == trl_image.size and image.tobytes() == trl_image.convert(image.mode).tobytes()
 
 
 def test_heldout_split_is_stable_and_never_empty(tmp_path: Path) -> None:
@@ -60,7 +82,8 @@ def test_heldout_split_is_stable_and_never_empty(tmp_path: Path) -> None:
 
 
 def test_parquet_export_trains_with_dpo_trainer(tmp_path: Path, tiny_policy: Path) -> None:
-    """The Parquet file, loaded as any TRL user would, trains through the recipe and yields a PEFT folder."""
+    """The Parquet file, loaded as any TRL user would (LLaMA-Factory's extra columns included), trains
+    through the recipe and yields a PEFT folder that vLLM's LoRA loader accepts."""
     path = export_parquet(build_dataset(make_pairs(tmp_path / "img", 6), FAMILY), tmp_path / "p.parquet")
     train, held = split_heldout(load_parquet(path), 0.3)
     cfg = small_config(tiny_policy, tmp_path)
@@ -69,3 +92,4 @@ def test_parquet_export_trains_with_dpo_trainer(tmp_path: Path, tiny_policy: Pat
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     for key in ("train_loss", "train_reward_margin", "eval_preference_accuracy", "eval_reward_margin"):
         assert key in result.metrics
+    assert_vllm_loads(result.adapter_dir, json.loads((tiny_policy / "config.json").read_text()))

@@ -6,21 +6,24 @@ partial version may be listed, the group's offsets must not move, and a rerun mu
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from services.adapters.store import AdapterStore
+from services.adapters.store import PAIR_IDS_NAME, AdapterStore, write_pair_ids
 from services.common.kafka_io import KafkaSettings, ProtoProducer, ensure_topics
 from services.common.topics import PAIRS, adapters_topic, stream_topics
 from services.devstack.broker import BrokerProcess
-from spr.v1 import pairs_pb2
+from spr.v1 import adapters_pb2, pairs_pb2
+from tests.admin.conftest import write_fake_adapter
 from tests.trainer.conftest import make_pairs, small_config
 from trainer.config import PREFERENCE_ACCURACY, REWARD_MARGIN, TrainerConfig
 from trainer.dataset import load_parquet
@@ -95,6 +98,12 @@ def run_ok(cfg: TrainerConfig, command: str = "once", *extra: str) -> str:
     return out
 
 
+def report_of(output: str) -> dict[str, Any]:
+    """The run report `once` prints as its last JSON line."""
+    report: dict[str, Any] = json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
+    return report
+
+
 def kill_when(proc: subprocess.Popen[str], seen: Callable[[str], bool]) -> str:
     """SIGKILL `proc` at the first log line for which `seen` is true; return the log so far."""
     assert proc.stdout is not None
@@ -159,7 +168,9 @@ def test_once_publishes_with_lineage_announces_and_commits(
     assert manifest.code_version and {f.path for f in manifest.files} == {
         "adapter_config.json",
         "adapter_model.safetensors",
+        PAIR_IDS_NAME,
     }
+    assert manifest.trigger.kind == adapters_pb2.TRIGGER_KIND_ONE_SHOT
     history = read_history(cfg)
     assert manifest.version in history.manifests
     assert history.current("latest") == manifest.version
@@ -220,3 +231,61 @@ def test_run_mode_trains_when_the_trigger_fires(
     assert committed(broker.settings(), cfg.group_id) == {
         r.partition: r.end_offset for r in manifest.pair_ranges
     }
+
+
+def test_a_pair_is_never_trained_twice_across_rounds(
+    broker_factory: Callable[..., BrokerProcess], tiny_policy: Path, tmp_path: Path
+) -> None:
+    """Upstream re-emits pairs after the round that used them was published (a producer retry, a
+    replay): the next rounds drop them by id, train only the new ones, and still commit past them."""
+    broker = broker_factory()
+    cfg = config(broker, tiny_policy, tmp_path)
+    settings = broker.settings()
+    first = make_pairs(tmp_path / "img", 4)
+    produce_pairs(settings, first)
+    run_ok(cfg)
+    (v1,) = AdapterStore(cfg.store).list_versions()
+
+    new = make_pairs(tmp_path / "img2", 2, run_id="run-2")
+    produce_pairs(settings, first + new)
+    report = report_of(run_ok(cfg))
+    assert (report["outcome"], report["pair_count"], report["already_trained_dropped"]) == ("published", 2, 4)
+    store = AdapterStore(cfg.store)
+    v2 = store.verify(report["version"]).manifest
+    assert v2.pair_count == 2 and v2.parent_version == v1.version
+    assert (store.path_of(v2.version) / PAIR_IDS_NAME).read_text().split() == sorted(p.pair_id for p in new)
+    assert store.trained_pair_ids() == {p.pair_id for p in first + new}
+
+    produce_pairs(settings, first[:3])  # nothing new at all
+    report = report_of(run_ok(cfg))
+    assert (report["outcome"], report["already_trained_dropped"]) == ("already-trained", 3)
+    assert len(store.list_versions()) == 2
+    assert sum(committed(settings, cfg.group_id).values()) == 4 + 6 + 3  # consumed, not retrained
+
+
+def test_a_rerun_finishes_an_interrupted_publication(
+    broker_factory: Callable[..., BrokerProcess], tiny_policy: Path, tmp_path: Path
+) -> None:
+    """The state a kill between the store's rename and the announcement leaves — a complete version
+    holding the pairs' ids, nothing on `adapters`, no offsets committed — is finished by the rerun:
+    announced, `latest` (and `stable`, gate permitting) moved, offsets committed, nothing retrained."""
+    broker = broker_factory()
+    cfg = config(broker, tiny_policy, tmp_path)
+    settings = broker.settings()
+    pairs = make_pairs(tmp_path / "img", 4)
+    produce_pairs(settings, pairs)
+    folder = write_fake_adapter(tmp_path / "trained", seed=1, base_model=str(tiny_policy))
+    write_pair_ids(folder, [p.pair_id for p in pairs])
+    store = AdapterStore(cfg.store)
+    metrics = {PREFERENCE_ACCURACY: 0.7, REWARD_MARGIN: 0.5}
+    manifest = adapters_pb2.AdapterManifest(base_model_id=str(tiny_policy), metrics=metrics)
+    stored = store.publish(folder, manifest, round_index=1)
+
+    report = report_of(run_ok(cfg))
+
+    assert (report["outcome"], report["already_trained_dropped"]) == ("already-trained", 4)
+    history = read_history(cfg)
+    assert stored.version in history.manifests
+    assert history.current("latest") == history.current("stable") == stored.version
+    assert [m.version for m in store.list_versions()] == [stored.version]
+    assert sum(committed(settings, cfg.group_id).values()) == 4

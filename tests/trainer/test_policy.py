@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from services.adapters.state import AdapterHistory
 from spr.v1 import adapters_pb2, pairs_pb2
 from trainer.config import PREFERENCE_ACCURACY, REWARD_MARGIN, TrainerConfig
 from trainer.publish import gate_passes, round_index
-from trainer.rounds import Trigger
-from trainer.source import Batch
+from trainer.rounds import TriggerPolicy
+from trainer.source import Batch, on_demand
 
 
 def test_defaults_are_the_papers() -> None:
@@ -64,19 +63,46 @@ def _batch(n: int) -> Batch:
     return batch
 
 
-def test_trigger_every_n_pairs_every_t_minutes_or_on_demand(tmp_path: Path) -> None:
-    trigger = Trigger(TrainerConfig(trigger_every_pairs=4, trigger_every_minutes=0, min_pairs=2))
-    assert trigger.due(_batch(3)) == "" and trigger.due(_batch(4))
-    timed = Trigger(TrainerConfig(trigger_every_pairs=100, trigger_every_minutes=1, min_pairs=2))
+def _demand(trigger_id: str) -> adapters_pb2.TrainingTrigger:
+    return adapters_pb2.TrainingTrigger(
+        trigger_id=trigger_id, kind=adapters_pb2.TRIGGER_KIND_ON_DEMAND, reason="operator"
+    )
+
+
+def test_trigger_every_n_pairs_every_t_minutes_or_on_demand() -> None:
+    policy = TriggerPolicy(TrainerConfig(trigger_every_pairs=4, trigger_every_minutes=0, min_pairs=2))
+    assert policy.due(_batch(3), set()) is None
+    due = policy.due(_batch(4), set())
+    assert due is not None and due.kind == adapters_pb2.TRIGGER_KIND_PAIR_COUNT
+    assert policy.due(_batch(5), {"p0", "p1"}) is None  # already-trained pairs do not count
+    timed = TriggerPolicy(TrainerConfig(trigger_every_pairs=100, trigger_every_minutes=1, min_pairs=2))
     old = _batch(2)
-    assert timed.due(old) == ""
+    assert timed.due(old, set()) is None
     old.started_monotonic = time.monotonic() - 61
-    assert timed.due(old) and timed.due(_batch(1)) == ""  # never below min_pairs
-    flag = tmp_path / "train-now"
-    demand = Trigger(TrainerConfig(trigger_every_pairs=100, trigger_every_minutes=0, trigger_file=str(flag)))
-    assert demand.due(_batch(2)) == ""
-    flag.touch()
-    assert demand.due(_batch(2)) == "requested on demand" and not flag.exists()
+    due = timed.due(old, set())
+    assert due is not None and due.kind == adapters_pb2.TRIGGER_KIND_INTERVAL
+    assert timed.due(_batch(1), set()) is None  # never below min_pairs
+    # On demand: answered at once, even with nothing waiting (the round then skips).
+    demanded = timed.due(Batch(), set(), [_demand("t-1"), _demand("t-2")])
+    assert demanded is not None and demanded.trigger_id == "t-1"
+
+
+def test_on_demand_keeps_well_formed_requests_only() -> None:
+    from services.common.kafka_io import ConsumedRecord, UndecodableRecord
+
+    good = ConsumedRecord("trainer.control", 0, 0, "t-1", _demand("t-1"), 1, 0, ())
+    no_id = ConsumedRecord(
+        "trainer.control",
+        0,
+        1,
+        "x",
+        adapters_pb2.TrainingTrigger(kind=adapters_pb2.TRIGGER_KIND_ON_DEMAND),
+        1,
+        0,
+        (),
+    )
+    broken = UndecodableRecord("trainer.control", 0, 2, b"k", b"\xff", (), "bad header")
+    assert [t.trigger_id for t in on_demand([good, no_id, broken])] == ["t-1"]
 
 
 def test_batch_ranges_and_duplicates() -> None:
@@ -84,3 +110,9 @@ def test_batch_ranges_and_duplicates() -> None:
     batch.add(_batch(1).records)  # a redelivered duplicate of p0 at offset 0
     assert [p.pair_id for p in batch.pairs()] == ["p0", "p1", "p2", "p3", "p4"]
     assert [(r.partition, r.start_offset, r.end_offset) for r in batch.ranges()] == [(0, 0, 5), (1, 1, 4)]
+
+
+def test_fresh_pairs_leave_out_already_trained_ids() -> None:
+    batch = _batch(4)
+    assert [p.pair_id for p in batch.fresh_pairs({"p1", "p3", "elsewhere"})] == ["p0", "p2"]
+    assert batch.fresh_pairs({"p0", "p1", "p2", "p3"}) == []

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +18,35 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _TriggerKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TriggerKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TriggerKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRIGGER_KIND_UNSPECIFIED: _TriggerKind.ValueType  # 0
+    TRIGGER_KIND_PAIR_COUNT: _TriggerKind.ValueType  # 1
+    """every N new pairs"""
+    TRIGGER_KIND_INTERVAL: _TriggerKind.ValueType  # 2
+    """every T minutes"""
+    TRIGGER_KIND_ON_DEMAND: _TriggerKind.ValueType  # 3
+    """Admin TriggerTraining"""
+    TRIGGER_KIND_ONE_SHOT: _TriggerKind.ValueType  # 4
+    """`spr-trainer once`"""
+
+class TriggerKind(_TriggerKind, metaclass=_TriggerKindEnumTypeWrapper): ...
+
+TRIGGER_KIND_UNSPECIFIED: TriggerKind.ValueType  # 0
+TRIGGER_KIND_PAIR_COUNT: TriggerKind.ValueType  # 1
+"""every N new pairs"""
+TRIGGER_KIND_INTERVAL: TriggerKind.ValueType  # 2
+"""every T minutes"""
+TRIGGER_KIND_ON_DEMAND: TriggerKind.ValueType  # 3
+"""Admin TriggerTraining"""
+TRIGGER_KIND_ONE_SHOT: TriggerKind.ValueType  # 4
+"""`spr-trainer once`"""
+Global___TriggerKind: _TypeAlias = TriggerKind  # noqa: Y015
 
 @_typing.final
 class FileDigest(_message.Message):
@@ -133,6 +163,7 @@ class AdapterManifest(_message.Message):
     CODE_VERSION_FIELD_NUMBER: _builtins.int
     CREATED_UNIX_MS_FIELD_NUMBER: _builtins.int
     URI_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """content-addressed, e.g. spr-v7-3f2a9c1e"""
     parent_version: _builtins.str
@@ -153,6 +184,10 @@ class AdapterManifest(_message.Message):
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
     def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileDigest]: ...
+    @_builtins.property
+    def trigger(self) -> Global___TrainingTrigger:
+        """what started the round that trained it"""
+
     def __init__(
         self,
         *,
@@ -169,14 +204,49 @@ class AdapterManifest(_message.Message):
         code_version: _builtins.str = ...,
         created_unix_ms: _builtins.int = ...,
         uri: _builtins.str = ...,
+        trigger: Global___TrainingTrigger | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trigger", b"trigger"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_id", b"base_model_id", "base_model_sha256", b"base_model_sha256", "code_version", b"code_version", "created_unix_ms", b"created_unix_ms", "dataset_sha256", b"dataset_sha256", "files", b"files", "hyperparameters", b"hyperparameters", "metrics", b"metrics", "pair_count", b"pair_count", "pair_ranges", b"pair_ranges", "parent_version", b"parent_version", "uri", b"uri", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_id", b"base_model_id", "base_model_sha256", b"base_model_sha256", "code_version", b"code_version", "created_unix_ms", b"created_unix_ms", "dataset_sha256", b"dataset_sha256", "files", b"files", "hyperparameters", b"hyperparameters", "metrics", b"metrics", "pair_count", b"pair_count", "pair_ranges", b"pair_ranges", "parent_version", b"parent_version", "trigger", b"trigger", "uri", b"uri", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AdapterManifest: _TypeAlias = AdapterManifest  # noqa: Y015
+
+@_typing.final
+class TrainingTrigger(_message.Message):
+    """Why a training round started. Admin's TriggerTraining writes one (kind ON_DEMAND) to the
+    `trainer.control` topic, keyed by trigger_id; the long-running trainer reads it and starts a round.
+    Every manifest carries the trigger of its round (lineage).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRIGGER_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUESTED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    trigger_id: _builtins.str
+    """set for on-demand triggers, "" for the trainer's own policy"""
+    kind: Global___TriggerKind.ValueType
+    reason: _builtins.str
+    requested_unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        trigger_id: _builtins.str = ...,
+        kind: Global___TriggerKind.ValueType = ...,
+        reason: _builtins.str = ...,
+        requested_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "reason", b"reason", "requested_unix_ms", b"requested_unix_ms", "trigger_id", b"trigger_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrainingTrigger: _TypeAlias = TrainingTrigger  # noqa: Y015
 
 @_typing.final
 class AdapterEvent(_message.Message):
@@ -520,17 +590,21 @@ class TriggerTrainingResponse(_message.Message):
 
     ACCEPTED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    TRIGGER_ID_FIELD_NUMBER: _builtins.int
     accepted: _builtins.bool
     message: _builtins.str
+    trigger_id: _builtins.str
+    """recorded in the manifest of the round it starts"""
     def __init__(
         self,
         *,
         accepted: _builtins.bool = ...,
         message: _builtins.str = ...,
+        trigger_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "message", b"message", "trigger_id", b"trigger_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
