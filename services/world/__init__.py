@@ -1,4 +1,4 @@
-"""The demo world: procedurally generated grounded images in COCO format."""
+"""The demo world: procedurally generated grounded images in COCO format, with referring expressions."""
 
 from services.world.scenes import SceneConfig, generate_world
 

@@ -1,0 +1,315 @@
+"""`spr-bootstrap`: build the world, train the policy on it (SFT from scratch), cache both.
+
+    spr-bootstrap                      # the default recipe; prints the policy folder
+    spr-bootstrap --steps 20 --images 60 --eval 200
+
+The result lives in `<root>/<recipe name>-<fingerprint>/` (`world/`, `policy/`, `spr-bootstrap.json`),
+root being `--cache`, else `$SPR_BOOTSTRAP_CACHE`, else `~/.cache/spr/bootstrap`. The fingerprint covers
+the recipe (model sizes, SFT settings, world seed and size, steps), this package's source and the library
+versions, so a hit is only ever the same training. Training is seeded; on one machine with the same thread
+count it repeats bit for bit. It is built in a hidden sibling folder and renamed into place once the
+manifest is written, so a crash never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from services.bootstrap.clip import ClipRecipe, train_clip
+from services.bootstrap.data import Example, describe_examples, rec_examples
+from services.bootstrap.recipe import PolicyRecipe, build_model, build_processor, parameter_count
+from services.bootstrap.train import Encoded, encode, train
+from services.core.boxes import AnnotatedBox, Box
+from services.core.formats import CoordinateFormat
+from services.evaluation.datasets import read_spr_rec
+from services.world.build import SPLITS, WorldFiles, build_world
+from services.world.scenes import SceneConfig, object_phrase
+
+MANIFEST = "spr-bootstrap.json"
+ENV_CACHE = "SPR_BOOTSTRAP_CACHE"
+_LIBRARIES = ("torch", "transformers", "tokenizers", "pillow", "numpy")
+FORMAT = CoordinateFormat.BRACKET_999  # LLaVA / Ferret boxes
+
+
+@dataclass(frozen=True)
+class Bootstrapped:
+    folder: Path
+    policy: Path
+    world: Path
+    rec_test: Path
+    from_cache: bool
+    seconds: float
+    manifest: dict[str, Any]
+
+
+def cache_root(out: str | Path | None = None) -> Path:
+    if out is not None:
+        return Path(out).expanduser()
+    env = os.environ.get(ENV_CACHE)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "spr" / "bootstrap"
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _sources_digest() -> str:
+    """Every source file the trainings depend on, and the library versions."""
+    digest = hashlib.sha256()
+    here = Path(__file__).resolve().parents[1]
+    sources = sorted((here / "bootstrap").glob("*.py")) + sorted((here / "world").glob("*.py"))
+    sources += [here / "evaluation" / "prompts.py", here / "modelzoo" / "tokenizer.py"]
+    sources += [here / "modelzoo" / "recipes.py", here / "scorers" / "preprocess.py"]
+    for source in sources:
+        digest.update(source.read_bytes())
+    for library in _LIBRARIES:
+        digest.update(f"{library}={_version(library)}".encode())
+    return digest.hexdigest()
+
+
+def fingerprint(recipe: PolicyRecipe) -> str:
+    """The recipe, every source file this training depends on, and the library versions."""
+    return recipe.fingerprint(_sources_digest())
+
+
+def folder_for(recipe: PolicyRecipe, root: str | Path | None = None) -> Path:
+    return cache_root(root) / f"{recipe.name}-{fingerprint(recipe)}"
+
+
+def is_complete(folder: Path) -> bool:
+    """True when the manifest exists and every file it lists has its recorded size."""
+    try:
+        files: dict[str, int] = json.loads((folder / MANIFEST).read_text())["files"]
+        return bool(files) and all((folder / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _result(folder: Path, from_cache: bool, seconds: float) -> Bootstrapped:
+    manifest = json.loads((folder / MANIFEST).read_text())
+    return Bootstrapped(
+        folder,
+        folder / "policy",
+        folder / "world",
+        folder / "world" / "rec_test.json",
+        from_cache,
+        seconds,
+        manifest,
+    )
+
+
+def bootstrap(
+    recipe: PolicyRecipe,
+    root: str | Path | None = None,
+    *,
+    force: bool = False,
+    say: Callable[[str], None] = lambda _: None,
+    device: str = "cpu",
+) -> Bootstrapped:
+    """The cached bootstrap of `recipe`, training it first unless a complete one exists."""
+    target = folder_for(recipe, root)
+    from_cache, seconds = cached_build(target, lambda out: _build(recipe, out, say, device), force)
+    return _result(target, from_cache, seconds)
+
+
+def bootstrap_clip(
+    recipe: ClipRecipe,
+    world: WorldFiles,
+    root: str | Path | None = None,
+    *,
+    force: bool = False,
+    say: Callable[[str], None] = lambda _: None,
+) -> tuple[Path, bool, dict[str, Any]]:
+    """The semantic scorer's CLIP-architecture model trained on `world` (cached): folder, hit, manifest."""
+    target = cache_root(root) / f"{recipe.name}-{recipe.fingerprint(world, _sources_digest())}"
+    from_cache, _ = cached_build(target, lambda out: train_clip(recipe, world, out, say), force)
+    return target, from_cache, json.loads((target / MANIFEST).read_text())
+
+
+def cached_build(target: Path, build: Callable[[Path], dict[str, Any]], force: bool) -> tuple[bool, float]:
+    """Run `build` into a hidden staging folder, write the manifest (its metrics and every file's size)
+    last and rename the folder into place; skipped when `target` is complete. Returns (hit, seconds)."""
+    start = time.perf_counter()
+    if is_complete(target) and not force:
+        return True, time.perf_counter() - start
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        metrics = build(staging)
+        files = {
+            p.relative_to(staging).as_posix(): p.stat().st_size
+            for p in sorted(staging.rglob("*"))
+            if p.is_file()
+        }
+        manifest = {**metrics, "libraries": {lib: _version(lib) for lib in _LIBRARIES}, "files": files}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _install(staging, target, force)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return False, time.perf_counter() - start
+
+
+def _install(staging: Path, target: Path, force: bool) -> None:
+    """Move a finished build into place; keep a complete one that a concurrent builder installed first."""
+    if target.exists() and (force or not is_complete(target)):
+        shutil.rmtree(target)  # replaced on request, or a leftover of a build that died mid-way
+    try:
+        staging.rename(target)
+    except OSError:
+        if not is_complete(target):
+            raise
+
+
+def _build(recipe: PolicyRecipe, out: Path, say: Callable[[str], None], device: str) -> dict[str, Any]:
+    cfg = SceneConfig(max_objects=recipe.world_max_objects)
+    world = build_world(out / "world", recipe.world_images, recipe.world_seed, cfg, recipe.test_fraction)
+    say(f"world: {recipe.world_images} images in {out / 'world'}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        processor = build_processor(recipe)
+        model = build_model(recipe, processor)
+        rec, describe = training_data(world, processor, recipe)
+        say(
+            f"policy: {type(model).__name__}, {parameter_count(model) / 1e6:.2f}M parameters; "
+            f"{len(rec)} REC and {len(describe)} description examples; {recipe.steps} steps"
+        )
+        log = train(
+            model,
+            processor,
+            rec,
+            describe,
+            recipe,
+            on_log=lambda s, v: say(f"step {s}: loss {v:.3f}"),
+            device=device,
+        )
+    say(f"trained in {log.seconds:.0f}s")
+    model.save_pretrained(out / "policy")
+    processor.save_pretrained(out / "policy")
+    return {
+        "recipe": asdict(recipe),
+        "fingerprint": fingerprint(recipe),
+        "train_seconds": round(log.seconds, 1),
+        "device": device,  # not in the fingerprint: any device's training of the recipe is a valid entry
+        "losses": log.losses,
+        "parameters": parameter_count(model),
+    }
+
+
+def training_data(
+    world: WorldFiles, processor: Any, recipe: PolicyRecipe
+) -> tuple[list[Encoded], list[Encoded]]:
+    """Encoded REC and region-description examples of the world's training images."""
+    samples = read_spr_rec(world.rec["train"])
+    coco = json.loads(world.annotations.read_text())
+    folder = world.annotations.parent
+    train_paths = {s.image_path for s in samples}
+    images = {path: _load(path) for path in sorted(train_paths)}
+    objects, phrases = _objects(coco, folder, train_paths)
+    rec = rec_examples(samples, FORMAT, images)
+    describe = describe_examples(objects, images, phrases, per_image=2, seed=recipe.seed)
+    return _encode_all(processor, recipe, rec), _encode_all(processor, recipe, describe)
+
+
+def _encode_all(processor: Any, recipe: PolicyRecipe, examples: list[Example]) -> list[Encoded]:
+    return [encode(processor, recipe.image_tokens, e) for e in examples]
+
+
+def _load(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _objects(
+    coco: dict[str, Any], folder: Path, paths: set[str]
+) -> tuple[dict[str, list[AnnotatedBox]], dict[int, str]]:
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    path_of = {image["id"]: str(folder / image["file_name"]) for image in coco["images"]}
+    objects: dict[str, list[AnnotatedBox]] = {path: [] for path in paths}
+    phrases = {}
+    for ann in coco["annotations"]:
+        path = path_of[ann["image_id"]]
+        if path in objects:
+            box = Box.from_xywh(*(float(v) for v in ann["bbox"]))
+            objects[path].append(AnnotatedBox(ann["id"], names[ann["category_id"]], box))
+            attributes = ann["attributes"]
+            phrases[ann["id"]] = object_phrase(
+                attributes["color"], attributes["shape"], attributes["texture"]
+            )
+    return objects, phrases
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    defaults = PolicyRecipe()
+    parser = argparse.ArgumentParser(prog="spr-bootstrap", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", help=f"cache root (default: ${ENV_CACHE}, else ~/.cache/spr/bootstrap)")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--images", type=int, default=defaults.world_images, help="world size")
+    parser.add_argument("--world-seed", type=int, default=defaults.world_seed)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="training seed")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--force", action="store_true", help="train again even when cached")
+    parser.add_argument(
+        "--device", default="cpu", help="where to train (cpu, cuda); the result is saved for CPU"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--clip", action="store_true", help="also train the semantic scorer's CLIP model")
+    parser.add_argument("--clip-steps", type=int, default=ClipRecipe().steps)
+    parser.add_argument(
+        "--eval", type=int, default=0, metavar="N", help="then score REC on N held-out expressions"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    recipe = replace(
+        PolicyRecipe(),
+        steps=args.steps,
+        world_images=args.images,
+        world_seed=args.world_seed,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        warmup_steps=min(PolicyRecipe().warmup_steps, max(args.steps // 10, 1)),
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    say = lambda m: print(f"[spr-bootstrap {time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
+    result = bootstrap(recipe, args.cache, force=args.force, say=say, device=args.device)
+    state = "cached" if result.from_cache else "trained"
+    print(f"policy\t{result.policy}\t{state} in {result.seconds:.1f}s")
+    print(f"rec_test\t{result.rec_test}")
+    if args.clip:
+        world = WorldFiles(
+            result.world / "annotations.json", {s: result.world / f"rec_{s}.json" for s in SPLITS}
+        )
+        clip_recipe = replace(ClipRecipe(), steps=args.clip_steps)
+        folder, hit, manifest = bootstrap_clip(clip_recipe, world, args.cache, force=args.force, say=say)
+        state = "cached" if hit else "trained"
+        print(f"clip\t{folder}\t{state}; held-out top-1 retrieval {manifest['retrieval_top1']:.1%}")
+    if args.eval:
+        from services.evaluation.cli import evaluate_paths
+
+        evaluate_paths(result.policy, [result.rec_test], limit=args.eval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The bootstrap policy: a small LLaVA-1.5 / Ferret-architecture MLLM built from scratch for the world.
+
+Why LLaVA rather than Qwen-VL for the from-scratch policy: SPEC §6 found that a tiny Qwen2-VL, whose
+vision tower and language model see positions only through rotary embeddings, cannot read *where* an
+object is without extra modules (coordinate channels, token re-normalisation). LLaVA's CLIP vision tower
+adds learned absolute position embeddings to every patch, so patch features carry their location with
+the stock architecture; it is also the architecture of Ferret, the model of the SPR paper, and writes
+boxes as `[x1, y1, x2, y2]` in 0-999 bins. It is saved with `save_pretrained` and loaded by the
+production loader (`services.modelzoo.loading.load_policy`), so serving, the trainer and the evaluator
+run exactly what was trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tokenizers import AddedToken
+from transformers import (
+    CLIPImageProcessorPil,
+    GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from services.modelzoo import tokenizer as tok
+from services.modelzoo.recipes import LLAVA_CHAT_TEMPLATE
+
+BINS = 1000  # BRACKET_999 numbers 0..999
+
+
+@dataclass(frozen=True)
+class PolicyRecipe:
+    """Model sizes and SFT settings of one bootstrap policy (everything its fingerprint covers)."""
+
+    name: str = "spr-policy-llava"
+    image_size: int = 96
+    patch_size: int = 16  # 96 px -> 6 x 6 = 36 image tokens
+    vision_width: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_width: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    # Std of the 2D sin-cos values the vision position embeddings start from (0: transformers' default
+    # init, std 0.02). The default init leaves position ~17x weaker than patch content (std ~0.35 on
+    # this world), so every patch looks alike after the first LayerNorm and the model cannot tell where
+    # anything is (SPEC §6); starting positions at the content's scale makes them visible from step 0.
+    position_init_std: float = 0.35
+    # Box numbers 0-999 as whole tokens (one classification per coordinate instead of three digits)
+    # and Gaussian soft labels over them in SFT, sigma in bins (SPEC §6: ~1.5 px; 96 px = 999 bins).
+    number_tokens: bool = True
+    coordinate_sigma_bins: float = 15.0
+    # SFT
+    steps: int = 1500
+    batch_size: int = 48
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    rec_share: float = 0.6  # share of REC batches; the rest are region descriptions with boxes
+    seed: int = 0
+    # the world it is trained on
+    world_seed: int = 0
+    world_images: int = 2000
+    world_max_objects: int = 5
+    test_fraction: float = 0.3
+
+    def fingerprint(self, extra: str = "") -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
+        digest.update(extra.encode())
+        return digest.hexdigest()[:12]
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def build_processor(recipe: PolicyRecipe) -> Any:
+    """LLaVA-1.5 processor: the image stretched to a square (bins stay relative to the whole image)."""
+    square = {"height": recipe.image_size, "width": recipe.image_size}
+    image_processor = CLIPImageProcessorPil(size=square, crop_size=square, do_center_crop=False)
+    tokenizer = tok.build_llama_tokenizer()
+    if recipe.number_tokens:
+        # Added (not special) tokens: matched whole before BPE, decoded verbatim, kept by save_pretrained.
+        tokenizer.add_tokens([AddedToken(str(v), normalized=False) for v in range(BINS)])
+    return LlavaProcessor(  # type: ignore[no-untyped-call]
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=recipe.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, which "default" drops
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        image_token=tok.LLAVA_IMAGE_TOKEN,
+    )
+
+
+def build_model(recipe: PolicyRecipe, processor: Any) -> LlavaForConditionalGeneration:
+    """Fresh random weights (seeded by the caller) of the recipe's LLaVA configuration."""
+    tokenizer = processor.tokenizer
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    ids["pad_token_id"] = tokenizer.pad_token_id
+    text = {
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": recipe.text_width,
+        "intermediate_size": recipe.text_width * 3,
+        "num_hidden_layers": recipe.text_layers,
+        "num_attention_heads": recipe.text_heads,
+        "num_key_value_heads": recipe.text_heads,
+        "max_position_embeddings": 512,
+        **ids,
+    }
+    vision = {
+        "model_type": "clip_vision_model",
+        "hidden_size": recipe.vision_width,
+        "intermediate_size": recipe.vision_width * 2,
+        "num_hidden_layers": recipe.vision_layers,
+        "num_attention_heads": recipe.vision_heads,
+        "image_size": recipe.image_size,
+        "patch_size": recipe.patch_size,
+    }
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(tok.LLAVA_IMAGE_TOKEN),
+        image_seq_length=recipe.image_tokens,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    model = LlavaForConditionalGeneration(config)
+    if recipe.position_init_std > 0:
+        _init_positions(model, recipe)
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+        bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"]
+    )
+    return model
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) fixed 2D sin-cos position codes (MAE style): half the channels code y, half x."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for coordinate in (ys.reshape(-1), xs.reshape(-1)):
+        angles = coordinate[:, None] * omega[None, :]
+        parts += [angles.sin(), angles.cos()]
+    codes = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(codes, (0, dim - codes.shape[1])).float()
+
+
+def _init_positions(model: LlavaForConditionalGeneration, recipe: PolicyRecipe) -> None:
+    """Start the CLIP position embeddings (CLS row 0, then patches row-major) from scaled sin-cos codes."""
+    grid = recipe.image_size // recipe.patch_size
+    codes = sincos_2d(grid, recipe.vision_width)
+    codes = codes / codes.std() * recipe.position_init_std
+    weight = model.model.vision_tower.embeddings.position_embedding.weight
+    with torch.no_grad():
+        weight[0].zero_()
+        weight[1:] = codes
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,171 @@
+"""Supervised fine-tuning from scratch: plain cross-entropy on the answer tokens, AdamW, cosine schedule.
+
+Each example is encoded once, exactly as serving will see it: the processor's chat prompt with the
+`<image>` placeholder expanded to the model's image tokens (what `LlavaProcessor` does), then the
+answer and the end-of-sequence token. Only the answer (and its end) carries loss.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from services.bootstrap.data import Example
+from services.bootstrap.recipe import BINS, PolicyRecipe
+from services.policy.runner import chat_prompt
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    example: Example
+
+
+@dataclass
+class TrainLog:
+    seconds: float = 0.0
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since last entry)
+
+
+def encode(processor: Any, image_tokens: int, example: Example) -> Encoded:
+    tokenizer = processor.tokenizer
+    prompt = chat_prompt(processor, example.instruction)
+    expanded = prompt.replace(processor.image_token, processor.image_token * image_tokens)
+    prompt_ids: list[int] = tokenizer(expanded)["input_ids"]
+    answer_ids: list[int] = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
+    answer_ids.append(tokenizer.eos_token_id)
+    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, example)
+
+
+def collate(processor: Any, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+    """Left-padded ids, labels, mask and positions (as batched generation sees them), and pixel values.
+
+    Left padding puts every answer at the end of its row, so the loss needs logits for the last
+    `answer_span` positions only: the vocabulary projection of the prompt and image is skipped.
+    """
+    pad = processor.tokenizer.pad_token_id
+    length = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), length), pad, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, encoded in enumerate(batch):
+        n = len(encoded.input_ids)
+        ids[row, length - n :] = torch.tensor(encoded.input_ids)
+        labels[row, length - n :] = torch.tensor(encoded.labels)
+        mask[row, length - n :] = 1
+    answer_span = max(sum(label != IGNORE for label in e.labels) for e in batch) + 1
+    pixels = processor.image_processor([e.example.image for e in batch], return_tensors="pt")["pixel_values"]
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+        "pixel_values": pixels,
+        "labels": labels[:, -answer_span:],
+    }
+
+
+@dataclass(frozen=True)
+class CoordinateSmoothing:
+    """Gaussian soft labels over the number tokens: a box number off by a few bins is nearly right."""
+
+    value_of: torch.Tensor  # (vocab,) the number a token stands for, -1 for other tokens
+    sigma: float
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any, bins: int, sigma: float) -> CoordinateSmoothing:
+        value_of = torch.full((len(tokenizer),), -1.0)
+        for value in range(bins):
+            ids = tokenizer.convert_tokens_to_ids([str(value)])
+            value_of[ids[0]] = float(value)
+        return cls(value_of, sigma)
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """(n, vocab) target distributions: one-hot, or a Gaussian over numbers for number labels."""
+        value_of = self.value_of.to(labels.device)
+        hard = torch.nn.functional.one_hot(labels.clamp(min=0), value_of.numel()).float()
+        values = value_of[labels.clamp(min=0)]
+        is_number = (values >= 0) & (labels >= 0)
+        weights = torch.exp(-((value_of[None, :] - values[:, None]) ** 2) / (2 * self.sigma**2))
+        weights = weights * (value_of[None, :] >= 0)
+        soft = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+        return torch.where(is_number[:, None], soft, hard)
+
+
+def answer_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], smoothing: CoordinateSmoothing | None = None
+) -> torch.Tensor:
+    """Cross-entropy of the answer tokens, from logits of the last positions only."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=labels.shape[1]).logits
+    # logits at position i predict token i + 1
+    flat_logits, flat_labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+    if smoothing is None:
+        return torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE)
+    keep = flat_labels != IGNORE
+    log_probs = torch.log_softmax(flat_logits[keep], dim=-1)
+    return -(smoothing.targets(flat_labels[keep]) * log_probs).sum(-1).mean()
+
+
+def _lr_factor(step: int, recipe: PolicyRecipe) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < recipe.warmup_steps:
+        return (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(recipe.steps - recipe.warmup_steps, 1)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def train(
+    model: torch.nn.Module,
+    processor: Any,
+    rec: Sequence[Encoded],
+    describe: Sequence[Encoded],
+    recipe: PolicyRecipe,
+    on_log: Callable[[int, float], None] | None = None,
+    log_every: int = 50,
+    device: str = "cpu",
+) -> TrainLog:
+    """`recipe.steps` steps; a batch is all REC (share `rec_share`) or all descriptions (similar lengths)."""
+    rng = random.Random(recipe.seed)
+    smoothing = None
+    if recipe.number_tokens and recipe.coordinate_sigma_bins > 0:
+        smoothing = CoordinateSmoothing.for_tokenizer(processor.tokenizer, BINS, recipe.coordinate_sigma_bins)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.learning_rate, betas=(0.9, 0.98), weight_decay=recipe.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe))
+    model.to(device)
+    model.train()
+    log, running, start = TrainLog(), [], time.perf_counter()
+    for step in range(recipe.steps):
+        pool = rec if (rng.random() < recipe.rec_share or not describe) else describe
+        batch = {
+            k: v.to(device)
+            for k, v in collate(processor, rng.sample(pool, min(recipe.batch_size, len(pool)))).items()
+        }
+        loss = answer_loss(model, batch, smoothing)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        running.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
+            mean = sum(running) / len(running)
+            log.losses.append((step + 1, mean))
+            running = []
+            if on_log is not None:
+                on_log(step + 1, mean)
+    model.to("cpu")
+    model.eval()
+    log.seconds = time.perf_counter() - start
+    return log

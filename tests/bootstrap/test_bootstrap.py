@@ -1,0 +1,126 @@
+"""The bootstrap's plumbing on a tiny world and a few steps: world -> SFT -> saved policy that the
+production loader and `PolicyRunner` serve -> REC evaluation; caching and reproducibility; the encoding
+matching what serving sends; the coordinate soft labels."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from services.bootstrap.clip import ClipRecipe, all_phrases, object_crops
+from services.bootstrap.data import Example
+from services.bootstrap.pipeline import Bootstrapped, bootstrap, bootstrap_clip, fingerprint, main
+from services.bootstrap.recipe import BINS, PolicyRecipe, build_model, build_processor
+from services.bootstrap.train import IGNORE, CoordinateSmoothing, encode
+from services.evaluation.cli import evaluate
+from services.evaluation.datasets import read_spr_rec
+from services.modelzoo.loading import load_policy
+from services.policy.runner import PolicyRunner, chat_prompt
+from services.scorers.semantic.backends import load_torch_encoder
+from services.world.build import SPLITS, WorldFiles
+
+SMOKE = PolicyRecipe(steps=3, batch_size=8, warmup_steps=1, world_images=24, test_fraction=0.25)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Bootstrapped:
+    return bootstrap(SMOKE, tmp_path_factory.mktemp("cache"))
+
+
+def test_smoke_bootstrap_serves_and_evaluates(smoke: Bootstrapped) -> None:
+    assert not smoke.from_cache and smoke.policy.is_dir()
+    assert smoke.manifest["recipe"]["steps"] == 3 and len(smoke.manifest["losses"]) == 1
+    model, _ = load_policy(smoke.policy)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    samples = read_spr_rec(smoke.rec_test)[:4]
+    (result,) = evaluate(PolicyRunner(str(smoke.policy)), samples, batch_size=4, max_new_tokens=6)
+    assert len(result.predictions) == 4
+
+
+def test_second_call_is_a_cache_hit(smoke: Bootstrapped) -> None:
+    start = time.perf_counter()
+    again = bootstrap(SMOKE, smoke.folder.parent)
+    assert again.from_cache and again.folder == smoke.folder
+    assert time.perf_counter() - start < 1.0
+
+
+def test_training_is_reproducible_by_seed(smoke: Bootstrapped, tmp_path: Path) -> None:
+    again = bootstrap(SMOKE, tmp_path)
+    weights = (smoke.policy / "model.safetensors").read_bytes()
+    assert (again.policy / "model.safetensors").read_bytes() == weights
+    other_seed = bootstrap(replace(SMOKE, seed=1), tmp_path)
+    assert (other_seed.policy / "model.safetensors").read_bytes() != weights
+
+
+def test_fingerprint_covers_steps_and_world() -> None:
+    prints = {fingerprint(r) for r in (SMOKE, replace(SMOKE, steps=4), replace(SMOKE, world_seed=1))}
+    assert len(prints) == 3 and fingerprint(SMOKE) == fingerprint(replace(SMOKE))
+
+
+def test_cli_trains_then_hits_the_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--cache", str(tmp_path), "--steps", "2", "--images", "16", "--batch-size", "4"]
+    args += ["--clip", "--clip-steps", "2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "trained in" in printed and "\ttrained; held-out top-1 retrieval" in printed
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "\tcached in" in printed and "\tcached; held-out" in printed
+
+
+def test_encoding_matches_what_the_processor_sends() -> None:
+    recipe = PolicyRecipe()
+    processor = build_processor(recipe)
+    image = Image.new("RGB", (96, 96), (120, 130, 140))
+    example = Example("rec", image, "Where is the red circle?", "[10, 20, 300, 400]")
+    encoded = encode(processor, recipe.image_tokens, example)
+    served = processor(
+        text=[chat_prompt(processor, example.instruction)], images=[image], return_tensors="pt"
+    )
+    prompt = served["input_ids"][0].tolist()
+    assert encoded.input_ids[: len(prompt)] == prompt
+    answer = [t for t in encoded.labels if t != IGNORE]
+    assert (
+        processor.tokenizer.decode(answer[:-1]) == example.answer
+        and answer[-1] == processor.tokenizer.eos_token_id
+    )
+    assert len(answer) == 1 + 13  # "▁", "[", four numbers of one token each, three ",▁", "]", and </s>
+
+
+def test_coordinate_soft_labels() -> None:
+    processor = build_processor(PolicyRecipe())
+    tokenizer = processor.tokenizer
+    smoothing = CoordinateSmoothing.for_tokenizer(tokenizer, BINS, sigma=15.0)
+    labels = torch.tensor(tokenizer.convert_tokens_to_ids(["500", "0", "]"]))
+    targets = smoothing.targets(labels)
+    assert torch.allclose(targets.sum(-1), torch.ones(3))
+    assert targets[0].argmax() == labels[0] and targets[1].argmax() == labels[1]
+    near, far = tokenizer.convert_tokens_to_ids(["515", "560"])
+    assert float(targets[0, near]) == pytest.approx(float(targets[0, labels[0]]) * 0.6065307, rel=1e-4)
+    assert targets[0, far] < 1e-3 * targets[0, labels[0]]
+    assert targets[2, labels[2]] == 1.0  # not a number: the usual one-hot
+
+
+def test_position_embeddings_start_at_the_content_scale() -> None:
+    recipe = PolicyRecipe()
+    model = build_model(recipe, build_processor(recipe))
+    weight = model.model.vision_tower.embeddings.position_embedding.weight
+    assert float(weight[1:].detach().std()) == pytest.approx(recipe.position_init_std, rel=1e-3)
+    assert float(weight[0].detach().abs().sum()) == 0.0
+
+
+def test_clip_for_the_semantic_scorer_trains_caches_and_loads(smoke: Bootstrapped, tmp_path: Path) -> None:
+    world = WorldFiles(smoke.world / "annotations.json", {s: smoke.world / f"rec_{s}.json" for s in SPLITS})
+    recipe = ClipRecipe(steps=3, batch_size=8)
+    folder, hit, manifest = bootstrap_clip(recipe, world, tmp_path)
+    assert not hit and 0.0 <= manifest["retrieval_top1"] <= 1.0
+    encoder = load_torch_encoder(folder, "cpu")  # what the semantic scorer runs
+    assert encoder.encode_texts(["striped red circle"]).shape[0] == 1
+    assert bootstrap_clip(recipe, world, tmp_path)[1]  # second call: cache hit
+    crops = object_crops(world, "test", recipe.pad)
+    assert crops and all(c.phrase in all_phrases() for c in crops)
