@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -53,6 +53,7 @@ from spr.v1 import common_pb2, describer_pb2
 #: Extra wait beyond the deadline for the Triton task to report its own timeout before we give up.
 _RESULT_GRACE_S = 1.0
 _MAX_SEED = 2**63 - 1  # Triton's SEED is INT64
+_T = TypeVar("_T")
 
 #: Registers a cancel function to run when the caller goes away (e.g. ``context.add_callback``).
 OnCancel = Callable[[Callable[[], None]], object]
@@ -313,15 +314,7 @@ class Describer:
             raise InvalidRequest(str(exc)) from None
 
     def _encode(self, source: Image.Image, frame_w: int, frame_h: int) -> bytes:
-        frame = source
-        if source.size != (frame_w, frame_h):
-            frame = source.resize((frame_w, frame_h), Image.Resampling.BICUBIC)
-        buffer = io.BytesIO()
-        if self.settings.image_format == "JPEG":
-            frame.save(buffer, "JPEG", quality=95)
-        else:
-            frame.save(buffer, "PNG", compress_level=1)  # lossless; level 1 is several times faster than 6
-        return buffer.getvalue()
+        return encode_frame(source, (frame_w, frame_h), self.settings.image_format)
 
     # --- step 5: the policy call -------------------------------------------------------------------
 
@@ -335,23 +328,7 @@ class Describer:
         deadline: float | None,
         on_cancel: OnCancel | None,
     ) -> PolicyOutput:
-        future = self._loop.submit(coro)
-        if on_cancel is not None:
-
-            def cancel() -> None:
-                future.cancel()  # a no-op once the call finished
-
-            on_cancel(cancel)
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0) + _RESULT_GRACE_S
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise PolicyTimeout("the request deadline passed while the policy model was generating") from None
-        except concurrent.futures.CancelledError:
-            raise RequestCancelled(
-                "the request was cancelled while the policy model was generating"
-            ) from None
+        return wait_on_loop(self._loop, coro, deadline, on_cancel)
 
     # --- step 6: parsing into candidates -----------------------------------------------------------
 
@@ -392,6 +369,47 @@ class Describer:
             coordinate_format=fmt.value,
             parse_warnings=parsed.warnings,
         )
+
+
+def encode_frame(source: Image.Image, size: tuple[int, int], image_format: str = "PNG") -> bytes:
+    """``source`` resized to the model's frame ``size`` (as its processor would) and encoded for Triton."""
+    frame = source
+    if source.size != size:
+        frame = source.resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    if image_format == "JPEG":
+        frame.save(buffer, "JPEG", quality=95)
+    else:
+        frame.save(buffer, "PNG", compress_level=1)  # lossless; level 1 is several times faster than 6
+    return buffer.getvalue()
+
+
+def wait_on_loop(
+    loop: EventLoopThread,
+    coro: Coroutine[Any, Any, _T],
+    deadline: float | None,
+    on_cancel: OnCancel | None = None,
+) -> _T:
+    """Run a policy coroutine on ``loop`` for a synchronous caller, bounded by ``deadline``.
+
+    Raises PolicyTimeout when the deadline (plus a grace for Triton's own timeout) passes, and
+    RequestCancelled when ``on_cancel``'s callback cancelled it.
+    """
+    future = loop.submit(coro)
+    if on_cancel is not None:
+
+        def cancel() -> None:
+            future.cancel()  # a no-op once the call finished
+
+        on_cancel(cancel)
+    timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0) + _RESULT_GRACE_S
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise PolicyTimeout("the request deadline passed while the policy model was generating") from None
+    except concurrent.futures.CancelledError:
+        raise RequestCancelled("the request was cancelled while the policy model was generating") from None
 
 
 # --- helpers ------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from services.scorers.semantic import backends as semantic
 
 DEFAULT_OPSET = 20
 DEFAULT_TOLERANCE = 1e-3
+DEFAULT_INT8_TOLERANCE = 0.25  # raw logits/embeddings; scores are compared in the tests
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Parity:
     graph: str
     output: int
     max_abs_diff: float
+    int8: bool = False  # a dynamically quantized graph: judged against the int8 tolerance
 
 
 def export_graph(
@@ -96,10 +98,46 @@ def _cast_grid_sample_grids(path: Path) -> None:
         onnx.save(model, str(path))
 
 
-def parity(graph: str, torch_runner: TorchRunner, onnx_runner: OnnxRunner, feed: Arrays) -> list[Parity]:
+def parity(
+    graph: str, torch_runner: TorchRunner, onnx_runner: OnnxRunner, feed: Arrays, int8: bool = False
+) -> list[Parity]:
     """Run both engines on ``feed``; max abs difference per output."""
     expected, got = torch_runner(feed), onnx_runner(feed)
-    return [Parity(graph, i, max_abs_diff(e, g)) for i, (e, g) in enumerate(zip(expected, got, strict=True))]
+    pairs = enumerate(zip(expected, got, strict=True))
+    return [Parity(graph, i, max_abs_diff(e, g), int8) for i, (e, g) in pairs]
+
+
+#: Parity checks of an export: graph role, the PyTorch runner of that graph, the feed to compare on.
+Checks = list[tuple[str, TorchRunner, Arrays]]
+
+
+def quantize_graphs(out: Path, graphs: dict[str, str]) -> dict[str, str]:
+    """Write a dynamically quantized copy (int8 weights of MatMul/Gemm) of every graph; their names."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantized = {role: name.removesuffix(".onnx") + ".int8.onnx" for role, name in graphs.items()}
+    for role, name in graphs.items():
+        quantize_dynamic(
+            out / name,
+            out / quantized[role],
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gemm"],
+        )
+    return quantized
+
+
+def finish_export(
+    out: Path, graphs: dict[str, str], manifest: dict[str, Any], checks: Checks, int8: bool
+) -> list[Parity]:
+    """Quantize (if asked), write the manifest, then compare every graph with PyTorch."""
+    quantized = quantize_graphs(out, graphs) if int8 else {}
+    _write_manifest(out, {**manifest, "graphs": graphs, **({"graphs_int8": quantized} if int8 else {})})
+    report = [
+        p for role, runner, feed in checks for p in parity(role, runner, OnnxRunner(out / graphs[role]), feed)
+    ]
+    for role, runner, feed in checks if int8 else []:
+        report += parity(f"{role}.int8", runner, OnnxRunner(out / quantized[role]), feed, int8=True)
+    return report
 
 
 def max_abs_diff(expected: np.ndarray[Any, Any], got: np.ndarray[Any, Any]) -> float:
@@ -122,26 +160,16 @@ def grounding_sample_feed(family: str, grounder: grounding.Grounder) -> Arrays:
     image = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
     if isinstance(grounder, grounding.DinoGrounder):
         feed, _ = grounder._text_inputs(["red circle", "blue square", "a person on a bike"])
-        feed.update(grounding.image_inputs(grounder.processor, image, grounder.image_size))
+        feed["pixel_values"] = grounder.pixels([image], grounder.image_size)
         feed["pixel_mask"] = np.ones((1, grounder.image_size, grounder.image_size), dtype=np.int64)
         return feed
     assert isinstance(grounder, grounding.OwlGrounder)
-    text = grounder.tokenizer(
-        ["red circle", "blue square"] + [""] * (grounder.max_queries - 2),
-        padding="max_length",
-        truncation=True,
-        max_length=grounder.text_length,
-        return_tensors="np",
-    )
-    return {
-        "input_ids": text["input_ids"].astype(np.int64),
-        "attention_mask": text["attention_mask"].astype(np.int64),
-        **grounding.image_inputs(grounder.processor, image, grounder.image_size),
-    }
+    pixels = grounder.pixels([image], grounder.image_size)
+    return {**grounder.text_inputs(["red circle", "blue square"]), "pixel_values": pixels}
 
 
 def export_grounding(
-    model: PreTrainedModel, processor: ProcessorMixin, out: Path, opset: int, source: str
+    model: PreTrainedModel, processor: ProcessorMixin, out: Path, opset: int, source: str, int8: bool = False
 ) -> list[Parity]:
     """Export a Grounding DINO / OWLv2 model to ``out/model.onnx``; parity of its two outputs."""
     family = grounding.family_of(model)
@@ -154,15 +182,16 @@ def export_grounding(
     )
     feed = grounding_sample_feed(family, grounder)
     export_graph(module, feed, names, ("logits", "pred_boxes"), out / "model.onnx", opset)
-    _write_manifest(out, processor, family, {"model": "model.onnx"}, shapes, source, special)
-    return parity("model", torch_runner, OnnxRunner(out / "model.onnx"), feed)
+    processor.save_pretrained(str(out))
+    manifest = _manifest(family, shapes, source, special)
+    return finish_export(out, {"model": "model.onnx"}, manifest, [("model", torch_runner, feed)], int8)
 
 
 # --- dual encoders --------------------------------------------------------------------------------
 
 
 def export_dual_encoder(
-    model: PreTrainedModel, processor: ProcessorMixin, out: Path, opset: int, source: str
+    model: PreTrainedModel, processor: ProcessorMixin, out: Path, opset: int, source: str, int8: bool = False
 ) -> list[Parity]:
     """Export the vision and text towers of CLIP / SigLIP; parity of every output."""
     from PIL import Image
@@ -171,7 +200,8 @@ def export_dual_encoder(
     shapes = semantic.default_shapes(model, processor)
     vision = TorchRunner(semantic.VisionTower(model), semantic.VISION_INPUTS)
     text = TorchRunner(semantic.TextTower(model), semantic.TEXT_INPUTS)
-    encoder = semantic.DualEncoder(vision, text, processor, name=family, **shapes)
+    longest = semantic.pads_to_longest(family)
+    encoder = semantic.DualEncoder(vision, text, processor, name=family, pad_to_longest=longest, **shapes)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
     captured: dict[str, Arrays] = {}
@@ -187,18 +217,22 @@ def export_dual_encoder(
         out / "vision.onnx",
         opset,
     )
-    batch = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "text_embeds": {0: "batch"}}
+    # Texts batch on axis 0; CLIP also pads only to the longest text, so its sequence axis is dynamic too.
+    text_axes = {0: "batch", 1: "sequence"} if longest else {0: "batch"}
+    batch = {"input_ids": text_axes, "attention_mask": text_axes, "text_embeds": {0: "batch"}}
     export_graph(
         text.module, captured["text"], semantic.TEXT_INPUTS, ("text_embeds",), out / "text.onnx", opset, batch
     )
     graphs = {"vision": "vision.onnx", "text": "text.onnx"}
-    _write_manifest(out, processor, family, graphs, shapes, source, [])
+    processor.save_pretrained(str(out))
     # Parity on a text batch of another size than the traced one, so the dynamic axis is checked too.
-    more_text = encoder_text_feed(encoder, ["one", "a second, longer sentence", "third."])
-    return [
-        *parity("vision", vision, OnnxRunner(out / "vision.onnx"), captured["vision"]),
-        *parity("text", text, OnnxRunner(out / "text.onnx"), more_text),
-    ]
+    more_text = encoder.text_feed(["one", "a second, longer sentence with a few more words", "third."])
+    checks: Checks = [("vision", vision, captured["vision"]), ("text", text, more_text)]
+    manifest = {
+        **_manifest(family, shapes, source, []),
+        "text_padding": "longest" if longest else "max_length",
+    }
+    return finish_export(out, graphs, manifest, checks, int8)
 
 
 class _Capture:
@@ -212,52 +246,38 @@ class _Capture:
         return self.runner(feed)
 
 
-def encoder_text_feed(encoder: semantic.DualEncoder, texts: Sequence[str]) -> Arrays:
-    """The text-tower feed of ``texts`` (same tokenization as :meth:`DualEncoder.encode_texts`)."""
-    tokens = encoder.tokenizer(
-        list(texts),
-        padding="max_length",
-        truncation=True,
-        max_length=encoder.text_length,
-        return_tensors="np",
-    )
-    return {k: tokens[k].astype(np.int64) for k in semantic.TEXT_INPUTS}
-
-
 # --- command --------------------------------------------------------------------------------------
 
 
-def _write_manifest(
-    out: Path,
-    processor: ProcessorMixin,
-    family: str,
-    graphs: dict[str, str],
-    shapes: dict[str, int],
-    source: str,
-    special_tokens: Sequence[int],
-) -> None:
-    processor.save_pretrained(str(out))
-    manifest = {
+def _manifest(
+    family: str, shapes: dict[str, int], source: str, special_tokens: Sequence[int]
+) -> dict[str, Any]:
+    return {
         "family": family,
-        "graphs": graphs,
         "shapes": shapes,
         "special_tokens": list(special_tokens),
         "source": source,
         "torch": torch.__version__,
     }
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def export(model_path: str | Path, out: str | Path, opset: int = DEFAULT_OPSET) -> list[Parity]:
-    """Export whatever ``model_path`` holds (grounding model or dual encoder) into ``out``."""
+def export(
+    model_path: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, int8: bool = False
+) -> list[Parity]:
+    """Export whatever ``model_path`` holds (grounding model or dual encoder) into ``out``; with
+    ``int8``, also dynamically quantized graphs (``graphs_int8`` in the manifest)."""
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     model_type = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))["model_type"]
     if model_type in ("clip", "siglip"):
         model, processor = load_clip(model_path)
-        return export_dual_encoder(model, processor, target, opset, str(model_path))
+        return export_dual_encoder(model, processor, target, opset, str(model_path), int8)
     model, processor = load_grounding_model(model_path)
-    return export_grounding(model, processor, target, opset, str(model_path))
+    return export_grounding(model, processor, target, opset, str(model_path), int8)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -267,14 +287,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", help="output folder")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
+    parser.add_argument("--int8", action="store_true", help="also write dynamically quantized int8 graphs")
+    parser.add_argument(
+        "--int8-tolerance",
+        type=float,
+        default=DEFAULT_INT8_TOLERANCE,
+        help="max abs diff allowed for the int8 graphs (weights are rounded to 8 bits)",
+    )
     args = parser.parse_args(argv)
-    results = export(args.model, args.out, args.opset)
-    worst = max(r.max_abs_diff for r in results)
+    results = export(args.model, args.out, args.opset, args.int8)
+    failed = False
     for r in results:
-        print(f"parity {r.graph}[{r.output}]: max abs diff {r.max_abs_diff:.3g}")
-    verdict = "OK" if worst <= args.tolerance else "FAILED"
+        limit = args.int8_tolerance if r.int8 else args.tolerance
+        failed |= r.max_abs_diff > limit
+        print(f"parity {r.graph}[{r.output}]: max abs diff {r.max_abs_diff:.3g} (tolerance {limit})")
+    worst = max(r.max_abs_diff for r in results if not r.int8)
+    verdict = "FAILED" if failed else "OK"
     print(f"{verdict}: max abs diff {worst:.3g} (tolerance {args.tolerance})")
-    return 0 if verdict == "OK" else 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -50,11 +50,21 @@ def providers() -> list[str]:
 
 
 class OnnxRunner:
-    """An onnxruntime session; feed keys the graph does not declare are ignored."""
+    """An onnxruntime session; feed keys the graph does not declare are ignored.
+
+    Session options, measured on the small scorer graphs (``bench/bench_scoring.py``): all graph
+    optimisations; one region is one run, so operators run sequentially (no inter-op pool) on
+    ``threads`` intra-op threads (0 = onnxruntime's default, one per physical core).
+    """
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        # No busy-waiting between runs: spinning pool threads take the cores from everything else in
+        # the process (image decoding, the gRPC threads) and from other processes on a small machine.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=providers())
@@ -64,6 +74,15 @@ class OnnxRunner:
         """One session run."""
         outputs = self.session.run(None, {n: feed[n] for n in self.input_names})
         return [np.asarray(o, dtype=np.float32) for o in outputs]
+
+
+def graph_paths(folder: str | Path, int8: bool = False) -> dict[str, Path]:
+    """The graphs of an export folder by role (``model``; ``vision``/``text``), int8 ones if asked."""
+    manifest = read_manifest(folder)
+    key = "graphs_int8" if int8 else "graphs"
+    if key not in manifest:
+        raise FileNotFoundError(f"{folder} has no int8 graphs: export it with spr-export-onnx --int8")
+    return {role: Path(folder) / str(name) for role, name in manifest[key].items()}
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from services.scorers.common import RegionInput, load_region
-from services.scorers.localization.backends import Detection, Grounder
+from services.scorers.localization.backends import Detection, Grounder, GroundingOptions, select
 from services.scorers.localization.logic import LocalizationScorer, candidate_phrases
 from services.scorers.localization.settings import LocalizationSettings
 from spr.v1 import common_pb2, describer_pb2
@@ -31,7 +31,11 @@ class FixedGrounder:
         return 1
 
     def ground(
-        self, image: Image.Image, offset: tuple[float, float], phrases: Sequence[str]
+        self,
+        image: Image.Image,
+        offset: tuple[float, float],
+        phrases: Sequence[str],
+        deadline: float | None = None,
     ) -> list[list[Detection]]:
         self.calls.append((offset, list(phrases)))
         return [[Detection(b, 0.9) for b in self.answers.get(p, [])] for p in phrases]
@@ -143,3 +147,18 @@ def test_grounding_dino_packs_long_phrase_lists_into_more_passes(tiny_models: di
     assert passes > 1
     detections = s.grounder.ground(Image.new("RGB", (64, 48)), (0.0, 0.0), many)
     assert len(detections) == len(many)
+
+
+def test_select_keeps_the_best_boxes_per_phrase_in_full_image_pixels() -> None:
+    scores = np.array([[0.2, 0.9], [0.8, 0.9], [0.5, 0.1], [0.8, 0.95]], dtype=np.float32)
+    boxes = np.array(
+        [[0.5, 0.5, 0.2, 0.2], [0.25, 0.25, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.9, 0.9, 0.4, 0.4]]
+    )
+    options = GroundingOptions(box_threshold=0.5, max_boxes_per_phrase=2)
+    first, second = select(scores.astype(np.float32), boxes.astype(np.float32), (100, 50), (10, 20), options)
+    # Phrase 0: boxes 1 and 3 tie at 0.8 (lower index first); box 2 (0.5) is cut by the cap of 2.
+    assert [d.score for d in first] == pytest.approx([0.8, 0.8])
+    assert first[0].box == pytest.approx((10.0, 20.0, 60.0, 45.0))  # (0, 0, 50, 25) moved by the offset
+    assert first[1].box == pytest.approx((80.0, 55.0, 110.0, 70.0))  # clipped at the frame's right/bottom
+    assert [d.score for d in second] == pytest.approx([0.95, 0.9])
+    assert select(scores[:, :0], boxes.astype(np.float32), (100, 50), (0, 0), options) == []

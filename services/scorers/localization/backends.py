@@ -13,6 +13,7 @@ the PyTorch path uses the same shapes so both paths see identical inputs.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,16 @@ from transformers import PreTrainedModel, ProcessorMixin
 from transformers.models.grounding_dino import modeling_grounding_dino as gdino
 
 from services.modelzoo.loading import load_grounding_model, load_processor
-from services.scorers.onnx_runtime import Arrays, OnnxRunner, Runner, TorchRunner, read_manifest
+from services.scorers.common import check_deadline
+from services.scorers.onnx_runtime import (
+    Arrays,
+    OnnxRunner,
+    Runner,
+    TorchRunner,
+    graph_paths,
+    read_manifest,
+)
+from services.scorers.preprocess import PixelPreprocessor
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -42,6 +52,7 @@ DINO_INPUTS = (
 )
 OWL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 _MASKS_LOCK = threading.Lock()
+TOKEN_CACHE_SIZE = 4096  # phrases whose token ids are kept (a few hundred bytes each)
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,11 @@ class Grounder(Protocol):
     name: str
 
     def ground(
-        self, image: Image.Image, offset: tuple[float, float], phrases: Sequence[str]
+        self,
+        image: Image.Image,
+        offset: tuple[float, float],
+        phrases: Sequence[str],
+        deadline: float | None = None,
     ) -> list[list[Detection]]: ...
 
     def forward_passes(self, phrases: Sequence[str]) -> int: ...
@@ -99,12 +114,26 @@ class DinoExportModule(torch.nn.Module):
         return out.logits, out.pred_boxes
 
 
-def dino_text_masks(input_ids: npt.NDArray[np.int64], special: Sequence[int]) -> tuple[Any, Any]:
-    """The text self-attention masks and position ids Grounding DINO derives from its input ids."""
-    ids: Any = torch.from_numpy(input_ids)
-    tokens: Any = torch.tensor(list(special), dtype=torch.long)
-    mask, positions = gdino.generate_masks_with_special_tokens_and_transfer_map(ids, tokens)
-    return mask.numpy(), positions.numpy()
+def dino_text_masks(
+    input_ids: npt.NDArray[np.int64], special: Sequence[int]
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+    """The text self-attention masks and position ids Grounding DINO derives from its input ids.
+
+    numpy port of transformers' ``generate_masks_with_special_tokens_and_transfer_map`` (tested equal
+    to it): tokens attend within their phrase (the run up to the next special token), positions count
+    from the previous special token.
+    """
+    batch, length = input_ids.shape
+    is_special = np.isin(input_ids, np.asarray(special, dtype=np.int64))
+    index = np.broadcast_to(np.arange(length), (batch, length))
+    previous = np.maximum.accumulate(np.where(is_special, index, -1), axis=1)
+    previous = np.concatenate([np.full((batch, 1), -1), previous[:, :-1]], axis=1)
+    following = np.minimum.accumulate(np.where(is_special, index, length)[:, ::-1], axis=1)[:, ::-1]
+    valid = (following != 0) & (following != length - 1) & (following != length)
+    mask = (following[:, :, None] == following[:, None, :]) & valid[:, None, :]
+    mask |= np.eye(length, dtype=np.bool_)[None]
+    positions = np.where(valid, np.maximum(index - previous - 1, 0), 0).astype(np.int64)
+    return mask, positions
 
 
 class DinoGrounder:
@@ -128,26 +157,36 @@ class DinoGrounder:
         tokenizer: Any = processor.tokenizer
         self.tokenizer = tokenizer
         self.dot = int(tokenizer.convert_tokens_to_ids("."))
+        self.pixels = PixelPreprocessor.of(processor.image_processor)
+        # Phrases recur across candidates and regions; tokenizing is per phrase, so cache it.
+        self._tokens = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self._tokenize)
 
     def forward_passes(self, phrases: Sequence[str]) -> int:
         """Passes needed for these phrases (one unless they exceed the text length)."""
         return len(self._pack(phrases))
 
     def ground(
-        self, image: Image.Image, offset: tuple[float, float], phrases: Sequence[str]
+        self,
+        image: Image.Image,
+        offset: tuple[float, float],
+        phrases: Sequence[str],
+        deadline: float | None = None,
     ) -> list[list[Detection]]:
         """Detections per phrase, in full-image pixels (``offset`` = the crop's top-left corner)."""
-        pixels = image_inputs(self.processor, image, self.image_size)
+        pixels = {"pixel_values": self.pixels([image], self.image_size)}
         found: list[list[Detection]] = [[] for _ in phrases]
         for group in self._pack(phrases):
+            check_deadline(deadline, "between grounding passes")
             feed, spans = self._text_inputs([phrases[i] for i in group])
             feed.update(pixels)
             feed["pixel_mask"] = np.ones((1, self.image_size, self.image_size), dtype=np.int64)
             logits, boxes = self.runner(feed)
             probs = 1.0 / (1.0 + np.exp(-logits[0]))
-            for index, (start, end) in zip(group, spans, strict=True):
-                scores = probs[:, start:end].max(axis=1)
-                found[index] = select(scores, boxes[0], image.size, offset, self.options)
+            # A phrase's score of a box is the max over the phrase's tokens.
+            scores = np.stack([probs[:, start:end].max(axis=1) for start, end in spans], axis=1)
+            detections = select(scores, boxes[0], image.size, offset, self.options)
+            for index, phrase_detections in zip(group, detections, strict=True):
+                found[index] = phrase_detections
         return found
 
     def _pack(self, phrases: Sequence[str]) -> list[list[int]]:
@@ -163,9 +202,9 @@ class DinoGrounder:
             used += need
         return [g for g in groups if g]
 
-    def _tokens(self, phrase: str) -> list[int]:
+    def _tokenize(self, phrase: str) -> tuple[int, ...]:
         ids: list[int] = self.tokenizer(phrase, add_special_tokens=False)["input_ids"]
-        return ids or [int(self.tokenizer.unk_token_id or 0)]
+        return tuple(ids) or (int(self.tokenizer.unk_token_id or 0),)
 
     def _text_inputs(self, phrases: Sequence[str]) -> tuple[Arrays, list[tuple[int, int]]]:
         """Token ids built phrase by phrase, so every phrase's token span is known exactly."""
@@ -226,46 +265,51 @@ class OwlGrounder:
         self.image_size, self.text_length, self.max_queries = image_size, text_length, max_queries
         self.options = options
         self.tokenizer: Any = processor.tokenizer
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+        self.pixels = PixelPreprocessor.of(processor.image_processor)
+        self._query_ids = functools.lru_cache(maxsize=TOKEN_CACHE_SIZE)(self._tokenize)
 
     def forward_passes(self, phrases: Sequence[str]) -> int:
         """``ceil(len(phrases) / max_queries)``."""
         return -(-len(phrases) // self.max_queries)
 
     def ground(
-        self, image: Image.Image, offset: tuple[float, float], phrases: Sequence[str]
+        self,
+        image: Image.Image,
+        offset: tuple[float, float],
+        phrases: Sequence[str],
+        deadline: float | None = None,
     ) -> list[list[Detection]]:
         """Detections per phrase, in full-image pixels."""
-        pixels = image_inputs(self.processor, image, self.image_size)
+        pixels = {"pixel_values": self.pixels([image], self.image_size)}
         side = float(max(image.size))  # OWLv2 pads the image to a square before resizing
         found: list[list[Detection]] = []
         for start in range(0, len(phrases), self.max_queries):
+            check_deadline(deadline, "between grounding passes")
             group = list(phrases[start : start + self.max_queries])
-            text = self.tokenizer(
-                group + [""] * (self.max_queries - len(group)),
-                padding="max_length",
-                truncation=True,
-                max_length=self.text_length,
-                return_tensors="np",
-            )
-            feed: Arrays = {
-                "input_ids": text["input_ids"].astype(np.int64),
-                "attention_mask": text["attention_mask"].astype(np.int64),
-                **pixels,
-            }
+            feed: Arrays = {**self.text_inputs(group), **pixels}
             logits, boxes = self.runner(feed)
-            probs = 1.0 / (1.0 + np.exp(-logits[0]))
-            for q in range(len(group)):
-                found.append(select(probs[:, q], boxes[0], (side, side), offset, self.options, image.size))
+            probs = 1.0 / (1.0 + np.exp(-logits[0, :, : len(group)]))  # padding queries dropped
+            found.extend(select(probs, boxes[0], (side, side), offset, self.options, image.size))
         return found
+
+    def text_inputs(self, queries: Sequence[str]) -> Arrays:
+        """``input_ids``/``attention_mask`` of ``max_queries`` rows (padding queries are empty text)."""
+        ids = np.full((self.max_queries, self.text_length), self.pad_id, dtype=np.int64)
+        attention = np.zeros_like(ids)
+        for row, query in enumerate([*queries, *[""] * (self.max_queries - len(queries))]):
+            tokens = self._query_ids(query)
+            ids[row, : len(tokens)] = tokens
+            attention[row, : len(tokens)] = 1
+        return {"input_ids": ids, "attention_mask": attention}
+
+    def _tokenize(self, query: str) -> tuple[int, ...]:
+        """The query's ids, truncated to the text length as the batched tokenizer call would."""
+        encoded = self.tokenizer(query, truncation=True, max_length=self.text_length)
+        return tuple(int(t) for t in encoded["input_ids"])
 
 
 # --- shared ---------------------------------------------------------------------------------------
-
-
-def image_inputs(processor: ProcessorMixin, image: Image.Image, size: int) -> Arrays:
-    """Pixel values of ``image`` resized to a ``size`` square (fixed shape for exported graphs)."""
-    out = processor.image_processor(images=image, size={"height": size, "width": size}, return_tensors="np")
-    return {"pixel_values": np.asarray(out["pixel_values"], dtype=np.float32)}
 
 
 def select(
@@ -275,22 +319,34 @@ def select(
     offset: tuple[float, float],
     options: GroundingOptions,
     clip_to: tuple[float, float] | None = None,
-) -> list[Detection]:
-    """Top boxes above the threshold: normalized cxcywh of ``frame`` -> full-image xyxy pixels."""
-    keep = np.flatnonzero(scores >= options.box_threshold)
-    keep = keep[np.argsort(-scores[keep], kind="stable")][: options.max_boxes_per_phrase]
+) -> list[list[Detection]]:
+    """Per column of ``scores`` (P boxes x Q phrases): its best boxes above the threshold, highest first
+    (ties: lower box index first), from normalized cxcywh of ``frame`` to full-image xyxy pixels."""
+    top = min(options.max_boxes_per_phrase, scores.shape[0])
+    order = np.argsort(-scores, axis=0, kind="stable")[:top]  # (top, Q)
+    best = np.take_along_axis(scores, order, axis=0)
+    cx, cy, w, h = np.moveaxis(boxes[order].astype(np.float64), -1, 0)  # each (top, Q)
     width, height = clip_to or frame
-    out: list[Detection] = []
-    for k in keep.tolist():
-        cx, cy, w, h = (float(v) for v in boxes[k])
-        x1 = min(max((cx - w / 2) * frame[0], 0.0), width)
-        y1 = min(max((cy - h / 2) * frame[1], 0.0), height)
-        x2 = min(max((cx + w / 2) * frame[0], 0.0), width)
-        y2 = min(max((cy + h / 2) * frame[1], 0.0), height)
-        out.append(
-            Detection((x1 + offset[0], y1 + offset[1], x2 + offset[0], y2 + offset[1]), float(scores[k]))
-        )
-    return out
+    xyxy = np.stack(
+        [
+            np.clip((cx - w / 2) * frame[0], 0.0, width) + offset[0],
+            np.clip((cy - h / 2) * frame[1], 0.0, height) + offset[1],
+            np.clip((cx + w / 2) * frame[0], 0.0, width) + offset[0],
+            np.clip((cy + h / 2) * frame[1], 0.0, height) + offset[1],
+        ],
+        axis=-1,
+    ).tolist()
+    kept = (best >= options.box_threshold).T.tolist()  # (Q, top)
+    confidences = best.T.tolist()
+    return [
+        [_detection(xyxy[r][q], confidences[q][r]) for r, keep in enumerate(row) if keep]
+        for q, row in enumerate(kept)
+    ]
+
+
+def _detection(box: list[float], score: float) -> Detection:
+    x1, y1, x2, y2 = box
+    return Detection((x1, y1, x2, y2), score)
 
 
 def family_of(model: PreTrainedModel) -> str:
@@ -361,15 +417,18 @@ def load_torch_grounder(path: str | Path, device: str, options: GroundingOptions
     return build_grounder(family, TorchRunner(module, names), processor, shapes, special, family, options)
 
 
-def load_onnx_grounder(folder: str | Path, options: GroundingOptions, threads: int = 0) -> Grounder:
-    """An onnxruntime grounder from a folder written by ``spr-export-onnx``."""
+def load_onnx_grounder(
+    folder: str | Path, options: GroundingOptions, threads: int = 0, int8: bool = False
+) -> Grounder:
+    """An onnxruntime grounder from a folder written by ``spr-export-onnx`` (its int8 graph if asked)."""
     manifest = read_manifest(folder)
     family = str(manifest["family"])
     processor = load_processor(folder)
-    runner = OnnxRunner(Path(folder) / str(manifest["graphs"]["model"]), threads)
+    runner = OnnxRunner(graph_paths(folder, int8)["model"], threads)
     shapes = {k: int(v) for k, v in manifest["shapes"].items()}
     special = [int(t) for t in manifest.get("special_tokens", [])]
-    return build_grounder(family, runner, processor, shapes, special, f"{family}-onnx", options)
+    name = f"{family}-onnx{'-int8' if int8 else ''}"
+    return build_grounder(family, runner, processor, shapes, special, name, options)
 
 
 def _special_tokens(model: PreTrainedModel) -> list[int]:

@@ -29,6 +29,7 @@ from services.scorers.localization.backends import (
     load_onnx_grounder,
     load_torch_grounder,
 )
+from services.scorers.localization.mllm import MllmGrounder
 from services.scorers.localization.settings import GroundingBackend, LocalizationSettings
 from spr.v1 import common_pb2, describer_pb2, scoring_pb2
 
@@ -48,19 +49,23 @@ def candidate_phrases(candidate: describer_pb2.Candidate, limit: int) -> list[st
     return phrases[:limit]
 
 
+def load_grounder(settings: LocalizationSettings, options: GroundingOptions) -> Grounder:
+    """The backend named by the settings."""
+    if settings.backend is GroundingBackend.MLLM:
+        return MllmGrounder.from_settings(settings.mllm, options)
+    if settings.backend is GroundingBackend.ONNX:
+        return load_onnx_grounder(settings.model, options, settings.threads, settings.onnx_int8)
+    return load_torch_grounder(settings.model, settings.device, options)
+
+
 class LocalizationScorer:
     """Scores candidates with a grounder; thread-safe for concurrent requests on CPU."""
 
     def __init__(self, settings: LocalizationSettings, grounder: Grounder | None = None) -> None:
         self.settings = settings
         options = GroundingOptions(settings.box_threshold, settings.max_boxes_per_phrase)
-        if grounder is None:
-            if settings.backend is GroundingBackend.ONNX:
-                grounder = load_onnx_grounder(settings.model, options, settings.threads)
-            else:
-                grounder = load_torch_grounder(settings.model, settings.device, options)
-        self.grounder = grounder
-        self.scorer_id = scorer_id(grounder.name, settings.model, settings.model_version)
+        self.grounder = grounder if grounder is not None else load_grounder(settings, options)
+        self.scorer_id = scorer_id(self.grounder.name, settings.model, settings.model_version)
 
     def score_request(
         self, request: scoring_pb2.ScoreRequest, deadline: float | None = None, source: str = "grpc"
@@ -108,7 +113,7 @@ class LocalizationScorer:
         per_candidate = [candidate_phrases(c, self.settings.max_phrases_per_candidate) for c in candidates]
         unique = list(dict.fromkeys(p for phrases in per_candidate for p in phrases))
         check_deadline(deadline, "before grounding")
-        grounded = self._ground(region, unique)
+        grounded = self._ground(region, unique, deadline)
         check_deadline(deadline, "after grounding")
         preds: list[list[tuple[float, float, float, float]]] = []
         found: list[list[scoring_pb2.GroundedBox]] = []
@@ -132,13 +137,15 @@ class LocalizationScorer:
             for candidate, result, boxes in zip(candidates, results, found, strict=True)
         ]
 
-    def _ground(self, region: RegionInput, phrases: list[str]) -> dict[str, list[Detection]]:
+    def _ground(
+        self, region: RegionInput, phrases: list[str], deadline: float | None
+    ) -> dict[str, list[Detection]]:
         if not phrases:
             return {}
         metrics.PHRASES.observe(len(phrases))
         metrics.FORWARD_PASSES.inc(self.grounder.forward_passes(phrases))
         left, top = region.pixels[0], region.pixels[1]
-        detections = self.grounder.ground(region.crop, (float(left), float(top)), phrases)
+        detections = self.grounder.ground(region.crop, (float(left), float(top)), phrases, deadline)
         return dict(zip(phrases, detections, strict=True))
 
 

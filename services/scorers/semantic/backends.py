@@ -16,7 +16,9 @@ crop, so patch ``(i, j)`` covers a known part of the full image.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,15 @@ from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
 from services.modelzoo.loading import load_clip, load_processor
-from services.scorers.onnx_runtime import Arrays, OnnxRunner, Runner, TorchRunner, read_manifest
+from services.scorers.onnx_runtime import (
+    Arrays,
+    OnnxRunner,
+    Runner,
+    TorchRunner,
+    graph_paths,
+    read_manifest,
+)
+from services.scorers.preprocess import PixelPreprocessor
 
 FloatArray = npt.NDArray[np.float32]
 VISION_INPUTS = ("pixel_values", "patch_mask")
@@ -84,6 +94,41 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / norm
 
 
+class EmbeddingCache:
+    """Text -> embedding, least recently used out; thread-safe. Descriptions of one region repeat
+    phrases and sentences, and category names recur across regions: each is embedded once."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, FloatArray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def embed(self, texts: Sequence[str], encode: Callable[[Sequence[str]], FloatArray]) -> FloatArray:
+        """Embeddings of ``texts`` in order; the unique ones missing from the cache go to ``encode``."""
+        with self._lock:
+            known = {t: self._entries[t] for t in dict.fromkeys(texts) if t in self._entries}
+            for text in known:
+                self._entries.move_to_end(text)
+        missing = [t for t in dict.fromkeys(texts) if t not in known]
+        if missing:
+            known.update(zip(missing, encode(missing), strict=True))
+            self._store({t: known[t] for t in missing})
+        return np.stack([known[t] for t in texts])
+
+    def _store(self, fresh: dict[str, FloatArray]) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._entries.update(fresh)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every embedding (benchmarks time the cold path with it)."""
+        with self._lock:
+            self._entries.clear()
+
+
 class DualEncoder:
     """CLIP or SigLIP on two runners with shared preprocessing (fixed shapes, see module docstring)."""
 
@@ -97,10 +142,15 @@ class DualEncoder:
         image_size: int,
         patch_size: int,
         text_length: int,
+        text_cache_size: int = 0,
+        pad_to_longest: bool = False,
     ) -> None:
         self.vision, self.text, self.processor, self.name = vision, text, processor, name
         self.image_size, self.patch_size, self.text_length = image_size, patch_size, text_length
         self.tokenizer: Any = processor.tokenizer
+        self.pixels = PixelPreprocessor.of(processor.image_processor)
+        self.text_cache = EmbeddingCache(text_cache_size)
+        self.pad_to_longest = pad_to_longest
 
     @property
     def grid(self) -> int:
@@ -108,34 +158,31 @@ class DualEncoder:
         return self.image_size // self.patch_size
 
     def encode_texts(self, texts: Sequence[str]) -> FloatArray:
-        """``(len(texts), D)`` normalised text embeddings (one batch)."""
+        """``(len(texts), D)`` normalised text embeddings; texts not in the cache go in one batch."""
+        return self.text_cache.embed(texts, self._encode_batch)
+
+    def _encode_batch(self, texts: Sequence[str]) -> FloatArray:
+        return self.text(self.text_feed(texts))[0]
+
+    def text_feed(self, texts: Sequence[str]) -> Arrays:
+        """Token ids and mask of ``texts``: padded to the longest text where the model allows it
+        (:func:`pads_to_longest`), else to the text length."""
         tokens = self.tokenizer(
             list(texts),
-            padding="max_length",
+            padding="longest" if self.pad_to_longest else "max_length",
             truncation=True,
             max_length=self.text_length,
             return_tensors="np",
         )
-        feed: Arrays = {
-            "input_ids": tokens["input_ids"].astype(np.int64),
-            "attention_mask": tokens["attention_mask"].astype(np.int64),
-        }
-        return self.text(feed)[0]
+        return {name: tokens[name].astype(np.int64) for name in TEXT_INPUTS}
 
     def encode_region(
         self, image: Image.Image, pixels: tuple[int, int, int, int]
     ) -> tuple[FloatArray, FloatArray]:
         """(crop embedding, region embedding from the full image's patches), one vision pass."""
-        crop = image.crop(pixels)
-        values = self.processor.image_processor(
-            images=[crop, image],
-            size={"height": self.image_size, "width": self.image_size},
-            do_center_crop=False,
-            return_tensors="np",
-        )["pixel_values"]
+        values = self.pixels([image.crop(pixels), image], self.image_size)
         mask = np.stack([np.ones(self.grid * self.grid, np.float32), self.patch_mask(image.size, pixels)])
-        feed: Arrays = {"pixel_values": np.asarray(values, np.float32), "patch_mask": mask}
-        image_embeds, region_embeds = self.vision(feed)
+        image_embeds, region_embeds = self.vision({"pixel_values": values, "patch_mask": mask})
         return image_embeds[0], region_embeds[1]
 
     def patch_mask(self, size: tuple[int, int], pixels: tuple[int, int, int, int]) -> FloatArray:
@@ -160,6 +207,16 @@ def family_of(model: PreTrainedModel) -> str:
     raise ValueError(f"unsupported image-text model type {model_type!r}")
 
 
+def pads_to_longest(family: str) -> bool:
+    """Whether padding a text batch only to its longest text leaves every embedding unchanged.
+
+    CLIP: yes (causal attention, masked padding, pooled at the end-of-text token), and short texts
+    then cost a fraction of the 77-token pass. SigLIP: no, it pools the last position and was
+    trained on texts padded to the full length.
+    """
+    return family == "clip"
+
+
 def default_shapes(model: PreTrainedModel, processor: ProcessorMixin) -> dict[str, int]:
     """Image side, patch size and text length of a dual encoder."""
     vision = model.config.vision_config
@@ -172,7 +229,7 @@ def default_shapes(model: PreTrainedModel, processor: ProcessorMixin) -> dict[st
     }
 
 
-def load_torch_encoder(path: str | Path, device: str) -> DualEncoder:
+def load_torch_encoder(path: str | Path, device: str, text_cache_size: int = 0) -> DualEncoder:
     """A PyTorch dual encoder from a transformers checkpoint (CLIP or SigLIP)."""
     model, processor = load_clip(path, device)
     family = family_of(model)
@@ -182,20 +239,26 @@ def load_torch_encoder(path: str | Path, device: str) -> DualEncoder:
         TorchRunner(TextTower(model), TEXT_INPUTS),
         processor,
         name=family,
+        text_cache_size=text_cache_size,
+        pad_to_longest=pads_to_longest(family),
         **shapes,
     )
 
 
-def load_onnx_encoder(folder: str | Path, threads: int = 0) -> DualEncoder:
-    """An onnxruntime dual encoder from a folder written by ``spr-export-onnx``."""
+def load_onnx_encoder(
+    folder: str | Path, threads: int = 0, int8: bool = False, text_cache_size: int = 0
+) -> DualEncoder:
+    """An onnxruntime dual encoder from a folder written by ``spr-export-onnx`` (int8 graphs if asked)."""
     manifest = read_manifest(folder)
-    graphs = manifest["graphs"]
+    graphs = graph_paths(folder, int8)
     shapes = {k: int(v) for k, v in manifest["shapes"].items()}
     return DualEncoder(
-        OnnxRunner(Path(folder) / str(graphs["vision"]), threads),
-        OnnxRunner(Path(folder) / str(graphs["text"]), threads),
+        OnnxRunner(graphs["vision"], threads),
+        OnnxRunner(graphs["text"], threads),
         load_processor(folder),
-        name=f"{manifest['family']}-onnx",
+        name=f"{manifest['family']}-onnx{'-int8' if int8 else ''}",
+        text_cache_size=text_cache_size,
+        pad_to_longest=manifest.get("text_padding") == "longest",  # graphs exported with a sequence axis
         **shapes,
     )
 

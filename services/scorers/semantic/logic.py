@@ -58,8 +58,10 @@ def load_encoder(settings: SemanticSettings) -> Encoder:
     if settings.backend is SemanticBackend.MINILM:
         return MiniLmEncoder(settings.device)
     if settings.backend is SemanticBackend.ONNX:
-        return load_onnx_encoder(settings.model, settings.threads)
-    return load_torch_encoder(settings.model, settings.device)
+        return load_onnx_encoder(
+            settings.model, settings.threads, settings.onnx_int8, settings.text_cache_size
+        )
+    return load_torch_encoder(settings.model, settings.device, settings.text_cache_size)
 
 
 class SemanticScorer:

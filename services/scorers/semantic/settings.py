@@ -35,6 +35,12 @@ class SemanticSettings(GrpcServerSettings):
     model_version: str = Field(default="", description="Version in the lineage; '' = config hash.")
     device: str = Field(default="cpu", description="Torch device.")
     threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = default.")
+    onnx_int8: bool = Field(
+        default=False, description="Run the int8 (dynamically quantized) graphs of the onnx export."
+    )
+    text_cache_size: int = Field(
+        default=4096, ge=0, description="Text embeddings kept (LRU, by exact text); 0 = no cache."
+    )
     clip_weight: float = Field(default=2.5, gt=0, description="CLIPScore w in w·max(cos, 0), clipped to 1.")
     batch_texts: bool = Field(
         default=True, description="Embed the sentences of all candidates of a region in one batch."
