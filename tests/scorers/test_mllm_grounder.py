@@ -28,6 +28,7 @@ from services.describer.settings import RetryPolicy
 from services.describer.triton_client import PolicyOutput, TritonPolicyClient
 from services.devstack.process import free_port
 from services.devstack.triton import TritonServer
+from services.evaluation.prompts import rec_instruction
 from services.modelzoo.tiny import ensure_model
 from services.scorers.common import load_region
 from services.scorers.localization import servicer as loc_servicer
@@ -61,6 +62,7 @@ def grounder(family: str = "qwen2.5-vl", **fields: Any) -> MllmGrounder:
 def test_each_family_prompts_in_its_own_coordinate_format() -> None:
     qwen25 = grounder().instruction("red circle")
     assert qwen25.startswith("Locate red circle in the image") and '"bbox_2d"' in qwen25
+    assert qwen25 == rec_instruction("red circle", get_family("qwen2.5-vl").coordinate_format)
     assert "<|object_ref_start|>red circle<|object_ref_end|>" in grounder("qwen2-vl").instruction(
         "red circle"
     )

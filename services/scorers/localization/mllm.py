@@ -27,11 +27,12 @@ from PIL import Image
 
 from services.common.errors import InvalidRequest
 from services.core.boxes import Box, frame_to_image
-from services.core.formats import CoordinateFormat, parse
+from services.core.formats import parse
 from services.describer.aio import EventLoopThread
 from services.describer.families import ModelFamily, ResizeError
 from services.describer.logic import encode_frame, wait_on_loop
 from services.describer.triton_client import PolicyOutput, PolicyRequest, TritonPolicyClient
+from services.evaluation.prompts import rec_instruction
 from services.policy.sampling import Sampling
 from services.scorers.localization import metrics
 from services.scorers.localization.backends import Detection, GroundingOptions
@@ -39,23 +40,12 @@ from services.scorers.localization.settings import MllmGrounding
 
 PHRASE_PLACEHOLDER = "{phrase}"
 
-#: The grounding instruction of each family, in the coordinate format its parser reads back.
-GROUNDING_TEMPLATES: dict[CoordinateFormat, str] = {
-    CoordinateFormat.QWEN25_JSON: (
-        "Locate {phrase} in the image; answer with its bounding box in JSON format: "
-        '{"bbox_2d": [x1, y1, x2, y2], "label": "{phrase}"}.'
-    ),
-    CoordinateFormat.QWEN2_TOKENS: (
-        "Locate <|object_ref_start|>{phrase}<|object_ref_end|> in the image; answer with its bounding box."
-    ),
-    CoordinateFormat.BRACKET_999: "Locate {phrase} in the image; answer with its box as [x1, y1, x2, y2].",
-    CoordinateFormat.BRACKET_FLOAT: "Locate {phrase} in the image; answer with its box as [x1, y1, x2, y2].",
-}
-
 
 def grounding_template(family: ModelFamily, override: str = "") -> str:
     """The configured template, or the family's; it must contain ``{phrase}``."""
-    template = override or GROUNDING_TEMPLATES[family.coordinate_format]
+    # By default the REC instruction: grounding a phrase is referring-expression comprehension, and it is
+    # what the evaluator asks and the bootstrap teaches (one wording per family, in one place).
+    template = override or rec_instruction(PHRASE_PLACEHOLDER, family.coordinate_format)
     if PHRASE_PLACEHOLDER not in template:
         raise ValueError(f"the grounding template must contain {PHRASE_PLACEHOLDER}: {template!r}")
     return template
