@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import numpy.typing as npt
 
 from services.core.boxes import Box, FloatArray, image_to_frame, sanitize_box
@@ -34,13 +33,17 @@ def greedy_match(ious: FloatArray, threshold: float) -> list[tuple[int, int]]:
 
     Ties go to the earlier row, then the earlier column, so the result is deterministic.
     """
-    above = np.flatnonzero(ious > threshold)  # flat indices, row-major: the tie-break order
-    ranked = above[np.argsort(-ious.ravel()[above], kind="stable")]
+    # Plain Python: the matrices are small (boxes of one candidate x GT boxes), where numpy's per-call
+    # overhead dominates. Sorting (-IoU, flat index) is the row-major tie-break order.
+    width = ious.shape[1]
+    ranked = sorted(
+        (-iou, flat_index) for flat_index, iou in enumerate(ious.ravel().tolist()) if iou > threshold
+    )
     used_rows: set[int] = set()
     used_cols: set[int] = set()
     pairs: list[tuple[int, int]] = []
-    for flat_index in ranked.tolist():
-        row, col = divmod(flat_index, ious.shape[1])
+    for _, flat_index in ranked:
+        row, col = divmod(flat_index, width)
         if row not in used_rows and col not in used_cols:
             used_rows.add(row)
             used_cols.add(col)

@@ -15,7 +15,9 @@ second semantic pass per region for a number that differs only through how an en
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,13 +29,13 @@ from services.core import (
     ScoredCandidate,
     SkipDecision,
     as_box_array,
-    localization_score,
+    localization_scores,
     pair_id,
     parse,
     reward,
     select_pair,
 )
-from services.core.formats import mentions_to_image
+from services.core.formats import mention_boxes_in_image
 from services.core.refine import refine_candidates
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 
@@ -82,6 +84,50 @@ def decide(
     return _decision(record, localization, semantic, choice, rules)
 
 
+def mismatch(
+    record: describer_pb2.DescriptionRecord,
+    localization: scoring_pb2.LocalizationScoreRecord,
+    semantic: scoring_pb2.SemanticScoreRecord | None,
+) -> str:
+    """Why the records of one region do not belong together ('' when they do).
+
+    The score records must name exactly the description's candidates and carry its run id: scores of
+    another description of the region (a retried describer) or of another run must not be joined.
+    """
+    ids = sorted(c.candidate_id for c in record.candidates)
+    run_id = record.lineage.run_id
+    scores: list[tuple[str, Any]] = [("localization", localization)]
+    if semantic is not None:
+        scores.append(("semantic", semantic))
+    for name, scored in scores:
+        if scored.lineage.run_id != run_id:
+            return f"{name} scores are of run {scored.lineage.run_id!r}, the description of run {run_id!r}"
+        named = sorted(s.candidate_id for s in scored.scores)
+        if named != ids:
+            return f"{name} scores name candidates {named[:4]}..., the description {ids[:4]}..."
+    return ""
+
+
+def timed_out(
+    region_id: str,
+    record: describer_pb2.DescriptionRecord | None,
+    missing: Sequence[str],
+    waited_s: float,
+    rules: PairRules,
+) -> pairs_pb2.PairDecision:
+    """The decision of a region whose records did not all arrive in time: a SCORES_TIMED_OUT skip."""
+    lineage = common_pb2.Lineage()
+    if record is not None:
+        lineage.CopyFrom(record.lineage)
+    lineage.run_id = rules.run_id
+    return pairs_pb2.PairDecision(
+        region_id=region_id,
+        skip=pairs_pb2.SKIP_REASON_SCORES_TIMED_OUT,
+        detail=f"no {', '.join(missing)} record after {waited_s:.1f}s",
+        lineage=lineage,
+    )
+
+
 def _initial(
     candidate: describer_pb2.Candidate,
     loc: scoring_pb2.LocalizationScore,
@@ -118,24 +164,29 @@ def _refined(
     ]
     fmt = CoordinateFormat(candidates[0].coordinate_format)
     results = refine_candidates(parsed, gt, fmt, frame_w, frame_h, crop)
-    refined = []
-    for candidate, result, before in zip(candidates, results, initial, strict=True):
-        own = [m.box for m in mentions_to_image(result.mentions, crop, frame_w, frame_h) if m.box is not None]
-        grounded = [_box(g.box) for g in loc[candidate.candidate_id].grounded]
-        s_loc = localization_score(
-            gt, as_box_array([b.as_tuple() for b in own] + grounded), rules.iou_floor
-        ).s_loc
-        refined.append(
-            ScoredCandidate(
-                candidate_id=candidate.candidate_id + "/refined",
-                text=result.text,
-                s_sem=before.s_sem,
-                s_loc=s_loc,
-                reward=reward(before.s_sem, s_loc, rules.lambda_sem),
-                refined=True,
+    # P of each refined candidate: its own (refined) boxes plus what the grounding model found for the
+    # original's phrases; all candidates scored against the GT in one vectorised call.
+    predictions = [
+        np.concatenate(
+            (
+                mention_boxes_in_image(result.mentions, crop, frame_w, frame_h),
+                as_box_array([_box(g.box) for g in loc[candidate.candidate_id].grounded]),
             )
         )
-    return refined
+        for candidate, result in zip(candidates, results, strict=True)
+    ]
+    scores = localization_scores(gt, predictions, rules.iou_floor)
+    return [
+        ScoredCandidate(
+            candidate_id=candidate.candidate_id + "/refined",
+            text=result.text,
+            s_sem=before.s_sem,
+            s_loc=score.s_loc,
+            reward=reward(before.s_sem, score.s_loc, rules.lambda_sem),
+            refined=True,
+        )
+        for candidate, result, before, score in zip(candidates, results, initial, scores, strict=True)
+    ]
 
 
 def _scored_text(c: ScoredCandidate) -> pairs_pb2.ScoredText:

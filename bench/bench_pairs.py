@@ -1,0 +1,161 @@
+"""Benchmark: the pair builder's throughput in scored candidates per second and its region-to-pair latency
+(``python bench/bench_pairs.py``).
+
+1. **Core**: the join state and ``decide`` alone, in process, on already decoded records.
+2. **Through the broker**: a backlog of every region's three records is produced first, then one
+   ``PairBuilder`` (this process, one thread) consumes, joins, decides, produces and commits until
+   every region has its decision. The ratio to (1) is what the Kafka plumbing costs.
+3. **Latency**: regions produced at a steady rate below capacity while the builder runs; the latency
+   of a region is the CreateTime of its decision minus that of its last input record.
+
+Regions have 8 candidates of 2-3 boxes each (``tests/pairs/records.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.common.kafka_io import ConsumedRecord, KafkaSettings, ProtoProducer, ensure_topics
+from services.devstack.broker import BrokerProcess
+from services.pairs import metrics
+from services.pairs.builder import PairBuilder
+from services.pairs.join import JoinState, Kind, Status
+from services.pairs.logic import PairRules, decide, mismatch
+from tests.pairs.stream import StreamTopics, read_raw, region_messages
+
+CANDIDATES = 8
+Messages = list[tuple[str, tuple[Any, Any, Any]]]
+
+
+def make_regions(count: int, prefix: str) -> Messages:
+    return [(f"{prefix}/{i}", region_messages(f"{prefix}/{i}")) for i in range(count)]
+
+
+def core_rate(regions: Messages, rules: PairRules) -> float:
+    """Scored candidates per second through JoinState + mismatch + decide."""
+    kinds = {"d": Kind.DESCRIPTION, "l": Kind.LOCALIZATION, "s": Kind.SEMANTIC}
+    state = JoinState(kinds, kinds.values(), 1_000_000)
+    started = time.perf_counter()
+    for offset, (region_id, messages) in enumerate(regions):
+        for topic, message in zip(("d", "l", "s"), messages, strict=True):
+            added = state.add(ConsumedRecord(topic, 0, offset, region_id, message, 1, 0, ()), 0.0)
+        assert added.status is Status.COMPLETE and added.region is not None
+        record, loc, sem = messages
+        assert not mismatch(record, loc, sem)
+        decide(record, loc, sem, rules)
+        state.close(added.region)
+    return len(regions) * CANDIDATES / (time.perf_counter() - started)
+
+
+def produce(kafka: KafkaSettings, topics: StreamTopics, regions: Messages, rate: float | None = None) -> None:
+    """Every record of every region; at ``rate`` regions/s when given, else as fast as possible."""
+    started = time.perf_counter()
+    with ProtoProducer(kafka) as producer:
+        for i, (region_id, (record, loc, sem)) in enumerate(regions):
+            producer.send(topics.descriptions, region_id, record)
+            producer.send(topics.localization, region_id, loc)
+            producer.send(topics.semantic, region_id, sem)
+            if rate is not None:
+                time.sleep(max(0.0, started + (i + 1) / rate - time.perf_counter()))
+
+
+def decided() -> float:
+    return sum(
+        sample.value for sample in metrics.DECISIONS.collect()[0].samples if sample.name.endswith("_total")
+    )
+
+
+def broker_rate(kafka: KafkaSettings, topics: StreamTopics, builder: PairBuilder, regions: Messages) -> float:
+    """Scored candidates per second from the first record polled to the last decision acknowledged."""
+    produce(kafka, topics, regions)
+    target = decided() + len(regions)
+    while builder.step() == 0:
+        pass
+    started = time.perf_counter()
+    while decided() < target:
+        builder.step()
+    builder.drain()
+    return len(regions) * CANDIDATES / (time.perf_counter() - started)
+
+
+def latencies(
+    kafka: KafkaSettings, topics: StreamTopics, builder: PairBuilder, regions: Messages, rate: float
+) -> list[float]:
+    """Seconds from each region's last input record to its decision, at a steady production rate."""
+    stop = threading.Event()
+    thread = threading.Thread(target=builder.run, args=(stop,), daemon=True)
+    thread.start()
+    produce(kafka, topics, regions, rate)
+    wanted = {region_id for region_id, _ in regions}
+    pairs = read_raw(
+        kafka,
+        topics.pairs.name,
+        topics.pairs.partitions,
+        lambda found: wanted <= {r.key.decode() for r in found},
+        120,
+    )
+    stop.set()
+    thread.join(timeout=30)
+    last_input: dict[str, int] = {}
+    for topic in (topics.descriptions, topics.localization, topics.semantic):
+        for record in read_raw(kafka, topic.name, topic.partitions, lambda found: False, 3):
+            key = record.key.decode()
+            if key in wanted:
+                last_input[key] = max(last_input.get(key, 0), record.timestamp)
+    return [(r.timestamp - last_input[r.key.decode()]) / 1000 for r in pairs if r.key.decode() in wanted]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--regions", type=int, default=3000, help="regions of the throughput runs")
+    parser.add_argument("--latency-regions", type=int, default=1000, help="regions of the latency run")
+    parser.add_argument("--broker", choices=["noida", "tansu"], default="noida")
+    parser.add_argument(
+        "--no-check-crcs", action="store_true", help="skip fetch CRC checks (pure Python without `crc32c`)"
+    )
+    args = parser.parse_args()
+
+    backlog, paced = make_regions(args.regions, "bench"), make_regions(args.latency_regions, "paced")
+    rules = PairRules(run_id="bench")
+    core_rate(backlog[:200], rules)  # warm-up
+    core = core_rate(backlog, rules)
+    print(f"join + decide alone:       {core:10.0f} scored candidates/s ({core / CANDIDATES:.0f} regions/s)")
+    print(f"broker {args.broker}, fetch CRC checks {'off' if args.no_check_crcs else 'on'}")
+    with BrokerProcess(args.broker) as broker:
+        kafka = broker.settings()
+        topics = StreamTopics.unique("bench")
+        ensure_topics(
+            kafka,
+            [topics.descriptions, topics.localization, topics.semantic, topics.pairs, topics.dead_letters],
+        )
+        builder = PairBuilder(
+            topics.settings(kafka, run_id="bench", ensure_topics=False, check_crcs=not args.no_check_crcs),
+            kafka,
+        )
+        try:
+            through = broker_rate(kafka, topics, builder, backlog)
+            regions_s = through / CANDIDATES
+            print(
+                f"pair builder via broker:   {through:10.0f} scored candidates/s ({regions_s:.0f} regions/s)"
+            )
+            print(f"ratio builder / core:      {through / core:10.2f}")
+            rate = 0.5 * through / CANDIDATES
+            seconds = sorted(latencies(kafka, topics, builder, paced, rate))
+        finally:
+            builder.close()
+    p50, p95 = statistics.median(seconds), seconds[int(0.95 * (len(seconds) - 1))]
+    print(f"region-to-pair latency at {rate:.0f} regions/s ({len(seconds)} regions):")
+    print(f"    p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
+    print(f"goal: 20000 scored candidates/s on one core -> {'met' if through >= 20000 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

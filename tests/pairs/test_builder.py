@@ -1,0 +1,127 @@
+"""The pair builder on a real broker (noida and Tansu): one decision per region, bad input dead-lettered."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from services.common.kafka_io import SCHEMA_HEADER, KafkaSettings, ProtoProducer, ensure_topics
+from services.core import pair_id
+from services.devstack.broker import BrokerProcess
+from services.pairs.builder import CODE_MISMATCH, CODE_TIMED_OUT, CODE_UNDECODABLE, PairBuilder
+from services.pairs.logic import decide
+from spr.v1 import common_pb2, pairs_pb2
+from tests.pairs.stream import StreamTopics, read_raw, read_topic, region_messages
+
+pytestmark = pytest.mark.integration
+
+RUN = "run-it"
+METRICS = [
+    ("spr_pairs_dead_letters_total", {"code": CODE_MISMATCH}),
+    ("spr_pairs_decisions_total", {"outcome": "scores_timed_out"}),
+    ("spr_pairs_dropped_records_total", None),
+    ("spr_pairs_margin_count", {}),
+]
+
+
+def _sample(name: str, labels: dict[str, str] | None) -> float:
+    """A metric's value in this process; labels None = summed over every label set."""
+    if labels is not None:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+    return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == name)
+
+
+def _produce_shuffled(kafka: KafkaSettings, topics: StreamTopics, region_ids: list[str]) -> None:
+    """Every record of every region, in a random order across topics and regions."""
+    sends: list[tuple[Any, str, Any]] = []
+    for region_id in region_ids:
+        record, loc, sem = region_messages(region_id)
+        sends += [(topics.descriptions, region_id, record), (topics.localization, region_id, loc)]
+        sends += [(topics.semantic, region_id, sem)]
+    random.Random(7).shuffle(sends)
+    with ProtoProducer(kafka) as producer:
+        for topic, key, message in sends:
+            producer.send(topic, key, message)
+
+
+def _produce_bad_input(kafka: KafkaSettings, topics: StreamTopics) -> None:
+    """An undecodable record, a region whose scores are of another run, a region never scored
+    semantically, and a duplicated score record of a good region."""
+    with ProtoProducer(kafka) as producer:
+        raw = producer._producer  # the typed producer cannot send a wrong schema header; that is the point
+        raw.send(
+            topics.localization.name, key=b"bad/0", value=b"\x00garbage", headers=[(SCHEMA_HEADER, b"x/1")]
+        )
+        record, loc, sem = region_messages("bad/mismatch")
+        sem.lineage.run_id = "another-run"
+        for topic, message in (
+            (topics.descriptions, record),
+            (topics.localization, loc),
+            (topics.semantic, sem),
+        ):
+            producer.send(topic, "bad/mismatch", message)
+        record, loc, _ = region_messages("bad/no-semantic")
+        producer.send(topics.descriptions, "bad/no-semantic", record)
+        producer.send(topics.localization, "bad/no-semantic", loc)
+        producer.send(topics.localization, "good/3", region_messages("good/3")[1])  # a duplicate
+
+
+@pytest.mark.parametrize("broker_fixture", ["kafka_broker", "tansu_broker"])
+def test_one_decision_per_region_with_deterministic_ids(
+    broker_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    broker: BrokerProcess = request.getfixturevalue(broker_fixture)
+    kafka = broker.settings()
+    topics = StreamTopics.unique("builder")
+    settings = topics.settings(kafka, run_id=RUN, timeout_s=3.0, commit_interval_s=0.2)
+    ensure_topics(
+        kafka, [topics.descriptions, topics.localization, topics.semantic, topics.pairs, topics.dead_letters]
+    )
+    good = [f"good/{i}" for i in range(40)]
+    _produce_shuffled(kafka, topics, good)
+    _produce_bad_input(kafka, topics)
+
+    before = {name: _sample(name, labels) for name, labels in METRICS}
+    builder = PairBuilder(settings, kafka)
+    stop = threading.Event()
+    thread = threading.Thread(target=builder.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        decisions = read_topic(kafka, topics.pairs, lambda found: len(found) >= len(good) + 1, timeout_s=90)
+        dead = read_raw(kafka, topics.dead_letters.name, 1, lambda found: len(found) >= 6, timeout_s=30)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        builder.close()
+
+    by_region = Counter(d.message.region_id for d in decisions)
+    assert set(by_region) == {*good, "bad/no-semantic"} and set(by_region.values()) == {1}
+    for found in decisions:
+        decision = found.message
+        if found.key == "bad/no-semantic":
+            assert decision.skip == pairs_pb2.SKIP_REASON_SCORES_TIMED_OUT
+            continue
+        expected = decide(*region_messages(found.key), settings.rules())
+        assert decision == expected  # the same decision as the core logic on the same records
+        if decision.WhichOneof("decision") == "pair":
+            assert decision.pair.pair_id == pair_id(found.key, RUN)
+    assert sum(d.message.WhichOneof("decision") == "pair" for d in decisions) > len(good) // 2
+
+    codes = Counter(dict(r.headers)["spr-error-code"].decode() for r in dead)
+    assert codes == {CODE_UNDECODABLE: 1, CODE_MISMATCH: 3, CODE_TIMED_OUT: 2}
+    grown = {name: _sample(name, labels) - before[name] for name, labels in METRICS}
+    assert grown["spr_pairs_dead_letters_total"] == 3  # RECORDS_MISMATCH
+    assert grown["spr_pairs_decisions_total"] == 1  # scores_timed_out
+    assert grown["spr_pairs_dropped_records_total"] >= 1  # the duplicated score record
+    assert grown["spr_pairs_margin_count"] == sum(
+        d.message.WhichOneof("decision") == "pair" for d in decisions
+    )
+    info = common_pb2.ErrorInfo.FromString(
+        next(dict(r.headers)["spr-error-info"] for r in dead if r.key == b"bad/no-semantic")
+    )
+    assert info.code == CODE_TIMED_OUT and topics.semantic.name in info.message
