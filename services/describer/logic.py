@@ -359,9 +359,12 @@ class Describer:
         if parsed.warnings:
             metrics.PARSE_WARNINGS.labels(fmt.value).inc(len(parsed.warnings))
         return describer_pb2.Candidate(
-            # Stable across retries of the same request; distinct across adapters and templates,
-            # whose candidates are different descriptions of the same region.
-            candidate_id=stable_id(prepared.region_id, adapter_version, prepared.template.template_id, index),
+            # The same text of the same request always gets the same id; a region described twice (a
+            # stage crashed before its commit, and sampling drew other texts) gets other ids, so the
+            # pair builder can never join one description's scores with the other's candidates.
+            candidate_id=stable_id(
+                prepared.region_id, adapter_version, prepared.template.template_id, index, text
+            ),
             sample_index=index,
             text=text,
             mentions=[_mention_proto(m) for m in mentions],

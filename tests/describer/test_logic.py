@@ -276,6 +276,11 @@ def test_candidate_ids_are_stable_across_retries(describer: Describer) -> None:
     )
     assert [c.candidate_id for c in first.candidates] == [c.candidate_id for c in again.candidates]
     assert first.candidates[0].candidate_id != other.candidates[0].candidate_id  # another adapter
+    redrawn = describer.build(
+        describer.prepare(request(region_id="r")), PolicyOutput(["c", "b"], [[], []], "")
+    )
+    assert redrawn.candidates[0].candidate_id != first.candidates[0].candidate_id  # another text
+    assert redrawn.candidates[1].candidate_id == first.candidates[1].candidate_id
 
 
 def test_stage_prompt_modes_rotate_per_region_and_need_members(describer: Describer) -> None:

@@ -1,0 +1,418 @@
+"""`spr-main`: the whole SPR loop on one machine, for R rounds, with a REC evaluation of every adapter.
+
+    world + bootstrap policy (cached)  ->  broker, tritonserver (policy + adapter follower)
+    -> sampler -> `regions` -> describer stage -> `descriptions`
+    -> localization stage (the policy grounds each phrase through Triton) ∥ semantic stage (MiniLM)
+    -> pair builder -> `pairs` -> trainer (one DPO round, publish, announce) -> serving hot-loads `latest`
+    -> REC evaluation of the new version on the held-out split -> next round samples from it
+
+Every stage is its own process started with the same command and environment variables a Kubernetes
+Deployment uses (:mod:`services.loop.stack`). Each round samples new regions (the sampler resumes its
+seeded sequence), waits until every one of them has exactly one decision on `pairs`, trains one round on
+the pairs the trainer has not consumed yet, and waits until Triton serves the new version as `latest`
+before the next round samples. The base and every version are evaluated on the same held-out
+expressions, so the differences get paired bootstrap confidence intervals.
+
+Outputs in ``--work``: ``report.md`` (the table), ``rec_accuracy.png``, ``rec_results.json``,
+``metrics.prom`` (Prometheus text format: the Grafana dashboard's REC panels read these series through
+a textfile collector) and the logs of every service under ``logs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from services.adapters.store import AdapterStore
+from services.bootstrap.pipeline import Bootstrapped, bootstrap
+from services.bootstrap.recipe import PolicyRecipe
+from services.common.kafka_io import KafkaSettings, Topic, ensure_topics
+from services.common.topics import (
+    DESCRIPTIONS,
+    PAIRS,
+    REGIONS,
+    SCORES_LOCALIZATION,
+    SCORES_SEMANTIC,
+    adapters_topic,
+    dead_letter_topic,
+    stream_topics,
+)
+from services.devstack.broker import BrokerProcess
+from services.devstack.process import wait_until
+from services.devstack.triton import TritonServer
+from services.evaluation.cli import evaluate_one, write_outputs
+from services.evaluation.datasets import RecSample, read_spr_rec
+from services.evaluation.rec import THRESHOLDS, AdapterResult, accuracy_at, format_table, paired_bootstrap
+from services.loop.stack import DecisionLedger, Pipeline, ServiceSet, service_set, wait_for_decisions
+from services.policy.runner import PolicyRunner
+from services.world.build import split_image_ids
+from spr.v1 import pairs_pb2
+
+POLICY_REPOSITORY = Path(__file__).resolve().parents[1] / "policy" / "model_repository"
+FAMILY = "ferret"  # the bootstrap policy is a LLaVA/Ferret-architecture model writing [x1,y1,x2,y2] in 0-999
+
+
+@dataclass(frozen=True)
+class MainJobConfig:
+    """Knobs of one main-job run; the defaults are the full benchmark run."""
+
+    work: Path = field(default_factory=lambda: Path.home() / ".cache" / "spr" / "main")
+    rounds: int = 2
+    regions_per_round: int = 400
+    samples: int = 8
+    temperature: float = 1.0
+    max_new_tokens: int = 40
+    lambda_sem: float = 0.8
+    delta: float = 0.05
+    eval_limit: int = 1000
+    broker: str = "noida"
+    run_id: str = "main"
+    bootstrap_steps: int = 0  # 0 = the recipe's
+    bootstrap_images: int = 0  # 0 = the recipe's
+    trainer_args: tuple[str, ...] = ()
+    round_timeout_s: float = 1200.0
+
+
+def say(message: str) -> None:
+    print(f"[spr-main {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- preparation ------------------------------------------------------------------------------------
+
+
+def recipe_of(cfg: MainJobConfig) -> PolicyRecipe:
+    recipe = PolicyRecipe()
+    if cfg.bootstrap_steps:
+        recipe = replace(recipe, steps=cfg.bootstrap_steps)
+    if cfg.bootstrap_images:
+        recipe = replace(recipe, world_images=cfg.bootstrap_images)
+    return recipe
+
+
+def prepare(recipe: PolicyRecipe) -> Bootstrapped:
+    boot = bootstrap(recipe, say=say)
+    origin = "cache" if boot.from_cache else "trained now"
+    say(f"bootstrap policy ({origin}, {boot.seconds:.0f}s): {boot.policy}")
+    return boot
+
+
+def training_annotations(boot: Bootstrapped, recipe: PolicyRecipe, out: Path) -> Path:
+    """The world's COCO file without the held-out REC images: SPR never samples a test image."""
+    coco = json.loads((boot.world / "annotations.json").read_text())
+    held_out = split_image_ids(coco, recipe.test_fraction)["test"]
+    # absolute file names: the copy lives outside the world folder its names are relative to
+    images = [
+        {**i, "file_name": str((boot.world / i["file_name"]).resolve())}
+        for i in coco["images"]
+        if i["id"] not in held_out
+    ]
+    kept = {i["id"] for i in images}
+    coco = {
+        **coco,
+        "images": images,
+        "annotations": [a for a in coco["annotations"] if a["image_id"] in kept],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(coco))
+    return out
+
+
+# --- the stack --------------------------------------------------------------------------------------
+
+
+def pipeline_of(cfg: MainJobConfig, policy: Path) -> Pipeline:
+    """The main job's pipeline: the policy grounds phrases itself, MiniLM judges text (real weights)."""
+    return Pipeline(
+        policy=policy,
+        family=FAMILY,
+        run_id=cfg.run_id,
+        samples=cfg.samples,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        # the two prompt modes the bootstrap taught (services.bootstrap.data); crop-refs is out of domain
+        prompt_modes="crop,full-box",
+        lambda_sem=cfg.lambda_sem,
+        delta=cfg.delta,
+        # a REC answer is one box (about ten tokens); garbage text yields many phrases, so cap both
+        localization_backend={
+            "BACKEND": "mllm",
+            "MLLM__MAX_NEW_TOKENS": "16",
+            "MAX_PHRASES_PER_CANDIDATE": "8",
+        },
+        semantic_backend={"BACKEND": "minilm"},
+    )
+
+
+# --- one round --------------------------------------------------------------------------------------
+
+
+def sample_and_wait(
+    cfg: MainJobConfig,
+    pipeline: Pipeline,
+    services: ServiceSet,
+    kafka: KafkaSettings,
+    dataset: Path,
+    total: int,
+) -> dict[str, int]:
+    """Sample regions up to ``total`` in all, then wait until each has exactly one decision."""
+    services.add(pipeline.sampler_spec(kafka, dataset, total))
+
+    def progress(decided: int, sampled: int, ledger: DecisionLedger) -> None:
+        pairs, again = len(ledger.pair_ids()), ledger.duplicates()
+        say(f"decided {decided}/{sampled} regions (pairs {pairs}, re-deliveries {again})")
+
+    ledger, _ = wait_for_decisions(
+        kafka, services, cfg.run_id, timeout=cfg.round_timeout_s, on_progress=progress
+    )
+    return outcome_counts(ledger)
+
+
+def outcome_counts(ledger: DecisionLedger) -> dict[str, int]:
+    """Decisions by outcome: ``pair`` or the skip reason."""
+    counts: dict[str, int] = {}
+    for decisions in ledger.by_region.values():
+        first = decisions[0]
+        kind = "pair" if first.HasField("pair") else pairs_pb2.SkipReason.Name(first.skip)
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def train_round(
+    cfg: MainJobConfig, kafka: KafkaSettings, policy: Path, store: Path, round_no: int
+) -> dict[str, Any]:
+    """One `spr-trainer once` process; returns its run report (``outcome``, ``version``, metrics)."""
+    argv = [
+        sys.executable, "-m", "trainer", "once",
+        "--base_model", str(policy),
+        "--model_family", FAMILY,
+        "--store", str(store),
+        "--work_dir", str(cfg.work / "trainer"),
+        "--bootstrap_servers", kafka.bootstrap_servers,
+        "--seed", str(round_no),
+        *cfg.trainer_args,
+    ]  # fmt: skip
+    if kafka.api_version:
+        argv += ["--kafka_api_version", ".".join(str(p) for p in kafka.api_version)]
+    log = cfg.work / "logs" / f"trainer-round{round_no}.log"
+    with log.open("w") as out:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=out, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"trainer round {round_no} failed (status {done.returncode}); log {log}")
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def serving_alias(triton: TritonServer, alias: str) -> str:
+    """The version Triton's policy serves as ``alias`` (from its custom metrics), '' if none."""
+    with urllib.request.urlopen(triton.metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    for line in text.splitlines():
+        if (
+            line.startswith("spr_policy_adapter_alias{")
+            and f'alias="{alias}"' in line
+            and line.endswith(" 1")
+        ):
+            return str(line.split('version="', 1)[1].split('"', 1)[0])
+    return ""
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    samples: list[RecSample]
+    runner: PolicyRunner
+    results: list[AdapterResult] = field(default_factory=list)
+
+    def add(self, adapter: str, name: str) -> AdapterResult:
+        result = evaluate_one(self.runner, self.samples, adapter, name)
+        self.results.append(result)
+        accuracy = accuracy_at(result.ious())
+        say(f"REC {name}: " + "  ".join(f"Acc@{t:g} {accuracy[t]:.1f}" for t in THRESHOLDS))
+        return result
+
+
+def prometheus_text(results: Sequence[AdapterResult]) -> str:
+    lines = [
+        "# HELP spr_rec_accuracy REC accuracy (percent) of an adapter version at an IoU threshold.",
+        "# TYPE spr_rec_accuracy gauge",
+    ]
+    for result in results:
+        for t, value in accuracy_at(result.ious()).items():
+            lines.append(f'spr_rec_accuracy{{adapter="{result.name}",iou="{t:g}"}} {value:.4f}')
+    if len(results) > 1:
+        lines += [
+            "# HELP spr_rec_accuracy_gain Acc difference to the base.",
+            "# TYPE spr_rec_accuracy_gain gauge",
+        ]
+        for result in results[1:]:
+            for ci in paired_bootstrap(results[0].ious(), result.ious()):
+                labels = f'adapter="{result.name}",iou="{ci.threshold:g}"'
+                lines.append(f"spr_rec_accuracy_gain{{{labels}}} {ci.difference:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+# --- the job ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loop:
+    """What the rounds share: the running stack, the policy, the adapter store and the evaluation."""
+
+    cfg: MainJobConfig
+    pipeline: Pipeline
+    services: ServiceSet
+    kafka: KafkaSettings
+    triton: TritonServer
+    dataset: Path
+    store: Path
+    evaluation: Evaluation
+
+    def round(self, round_no: int) -> None:
+        cfg = self.cfg
+        say(f"round {round_no}/{cfg.rounds}: sampling {cfg.regions_per_round} regions")
+        total = round_no * cfg.regions_per_round
+        counts = sample_and_wait(cfg, self.pipeline, self.services, self.kafka, self.dataset, total)
+        say(f"round {round_no}: decisions so far {counts}")
+        report = train_round(cfg, self.kafka, self.pipeline.policy, self.store, round_no)
+        version = str(report.get("version") or "")
+        if not version:  # e.g. fewer pairs than the trainer's min_pairs: the next round samples more
+            say(f"round {round_no}: nothing published ({report['outcome']}, {report['pair_count']} pairs)")
+            return
+        say(
+            f"round {round_no}: trained on {report['pair_count']} pairs, published {version}"
+            f" (promoted to stable: {report['promoted']}); waiting for serving to load it"
+        )
+        if not wait_until(lambda: serving_alias(self.triton, "latest") == version, timeout=120, interval=1.0):
+            raise TimeoutError(f"serving did not switch `latest` to {version}")
+        self.evaluation.add(version, f"round {round_no} ({version})")
+
+
+def run(cfg: MainJobConfig) -> int:
+    started = time.monotonic()
+    (cfg.work / "logs").mkdir(parents=True, exist_ok=True)
+    recipe = recipe_of(cfg)
+    boot = prepare(recipe)
+    dataset = training_annotations(boot, recipe, cfg.work / "train_annotations.json")
+    store = cfg.work / "adapters"
+    samples = read_spr_rec(boot.rec_test)[: cfg.eval_limit or None]
+    evaluation = Evaluation(samples, PolicyRunner(str(boot.policy), adapter_store=AdapterStore(store)))
+    evaluation.add("", "base")
+    with BrokerProcess(cfg.broker, workdir=cfg.work / "broker") as broker:
+        kafka = broker.settings()
+        ensure_topics(kafka, all_topics())
+        say(f"broker ({cfg.broker}) at {broker.bootstrap_servers}")
+        policy_env = policy_serving_env(boot.policy, store, kafka)
+        with (
+            environment(policy_env),
+            TritonServer(POLICY_REPOSITORY, workdir=cfg.work / "triton", models=["spr_policy"]) as triton,
+            service_set(cfg.work / "logs") as services,
+        ):
+            say(f"tritonserver ready at {triton.grpc_url}")
+            pipeline = pipeline_of(cfg, boot.policy)
+            for spec in pipeline.stage_specs(kafka, triton.grpc_url):
+                services.add(spec)
+            say(f"stages started: {', '.join(services.names)}")
+            loop = Loop(cfg, pipeline, services, kafka, triton, dataset, store, evaluation)
+            for round_no in range(1, cfg.rounds + 1):
+                loop.round(round_no)
+    report(cfg, evaluation.results, time.monotonic() - started)
+    return 0
+
+
+def policy_serving_env(policy: Path, store: Path, kafka: KafkaSettings) -> dict[str, str]:
+    """What the Triton policy model reads (services/policy/model_repository): the base and the follower."""
+    return {
+        "SPR_POLICY_MODEL_PATH": str(policy),
+        "SPR_POLICY_BASE_MODEL_ID": str(policy),
+        "SPR_POLICY_ADAPTER_STORE": str(store),
+        "SPR_POLICY_KAFKA_BOOTSTRAP": kafka.bootstrap_servers,
+        "SPR_POLICY_KAFKA_API_VERSION": ".".join(str(p) for p in kafka.api_version or ()),
+    }
+
+
+@contextmanager
+def environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` (tritonserver inherits them) while the block runs, restored after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def all_topics() -> list[Topic[Any]]:
+    """The stream topics, their dead-letter topics and the compacted `adapters`."""
+    sources = (REGIONS, DESCRIPTIONS, SCORES_LOCALIZATION, SCORES_SEMANTIC, PAIRS)
+    return [*stream_topics().values(), *(dead_letter_topic(t) for t in sources), adapters_topic()]
+
+
+def report(cfg: MainJobConfig, results: Sequence[AdapterResult], seconds: float) -> None:
+    table = format_table(results)
+    png, path = write_outputs(
+        results, cfg.work, f"REC on the held-out split (n={len(results[0].predictions)})"
+    )
+    (cfg.work / "metrics.prom").write_text(prometheus_text(results))
+    (cfg.work / "report.md").write_text(f"```\n{table}\n```\n")
+    print("\n" + table)
+    print(
+        f"\nplot {png}\nresults {path}\nmetrics {cfg.work / 'metrics.prom'}\nwall time {seconds / 60:.1f} min"
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
+    defaults = MainJobConfig()
+    parser = argparse.ArgumentParser(
+        prog="spr-main", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", type=Path, default=defaults.work, help="working folder")
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--regions-per-round", type=int, default=defaults.regions_per_round)
+    parser.add_argument("--samples", type=int, default=defaults.samples, help="descriptions per region (N)")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--lambda-sem", type=float, default=defaults.lambda_sem)
+    parser.add_argument("--eval-limit", type=int, default=defaults.eval_limit, help="held-out expressions")
+    parser.add_argument("--broker", choices=["noida", "tansu"], default=defaults.broker)
+    parser.add_argument("--bootstrap-steps", type=int, default=0, help="SFT steps (0 = the recipe's)")
+    parser.add_argument("--bootstrap-images", type=int, default=0, help="world size (0 = the recipe's)")
+    parser.add_argument("--trainer-arg", action="append", default=[], help="passed to spr-trainer once")
+    args = parser.parse_args(argv)
+    return MainJobConfig(
+        work=args.work,
+        rounds=args.rounds,
+        regions_per_round=args.regions_per_round,
+        samples=args.samples,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        lambda_sem=args.lambda_sem,
+        eval_limit=args.eval_limit,
+        broker=args.broker,
+        bootstrap_steps=args.bootstrap_steps,
+        bootstrap_images=args.bootstrap_images,
+        trainer_args=tuple(a for arg in args.trainer_arg for a in arg.split()),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parse_args(argv if argv is not None else sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
