@@ -55,7 +55,10 @@ DEFAULT_STAGES: tuple[StageSpec, ...] = (
     StageSpec(stage="localization", group_id="spr-localization", topics=(DESCRIPTIONS,)),
     StageSpec(stage="semantic", group_id="spr-semantic", topics=(DESCRIPTIONS,)),
     StageSpec(
-        stage="pair_builder", group_id="spr-pair-builder", topics=(SCORES_LOCALIZATION, SCORES_SEMANTIC)
+        stage="pair_builder",
+        group_id="spr-pair-builder",
+        topics=(DESCRIPTIONS, SCORES_LOCALIZATION, SCORES_SEMANTIC),
+        dead_letter_topics=(PAIRS + DEAD_LETTER_SUFFIX,),  # the builder dead-letters to pairs.dlq
     ),
     StageSpec(stage="trainer", group_id="spr-trainer", topics=(PAIRS,)),
 )

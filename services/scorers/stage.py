@@ -36,7 +36,8 @@ def score_stage(
         input=Topic(settings.descriptions_topic, describer_pb2.DescriptionRecord),
         output=output,
         dead_letter_topic=settings.dead_letters(),
-        group_id=settings.group_id or f"spr-{name}",
+        # spr-localization / spr-semantic: the names the Admin's stats and the KEDA scalers watch
+        group_id=settings.group_id or f"spr-{name.removesuffix('_scorer')}",
         handle=score,
         key=region_key,
     )
