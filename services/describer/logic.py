@@ -367,7 +367,7 @@ class Describer:
             ),
             sample_index=index,
             text=text,
-            mentions=[_mention_proto(m) for m in mentions],
+            mentions=[mention_proto(m) for m in mentions],
             token_logprobs=output.token_logprobs[index] if index < len(output.token_logprobs) else [],
             coordinate_format=fmt.value,
             parse_warnings=parsed.warnings,
@@ -426,7 +426,7 @@ def _box_proto(box: Box) -> common_pb2.Box:
     return common_pb2.Box(x1=box.x1, y1=box.y1, x2=box.x2, y2=box.y2)
 
 
-def _mention_proto(mention: Mention) -> common_pb2.Mention:
+def mention_proto(mention: Mention) -> common_pb2.Mention:
     proto = common_pb2.Mention(phrase=mention.phrase, has_box=mention.box is not None)
     if mention.box is not None:
         proto.box.CopyFrom(_box_proto(mention.box))

@@ -35,7 +35,8 @@ from services.core import (
     reward,
     select_pair,
 )
-from services.core.formats import mention_boxes_in_image
+from services.core.boxes import image_to_frame
+from services.core.formats import Mention, mention_boxes_in_image
 from services.core.refine import refine_candidates
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 
@@ -158,10 +159,7 @@ def _refined(
     frame_w, frame_h = record.frame_width, record.frame_height
     crop = Box(*_box(record.crop_box))
     gt = _gt(record.region)
-    parsed = [
-        (c.text, parse(c.text, CoordinateFormat(c.coordinate_format), frame_w, frame_h).mentions)
-        for c in candidates
-    ]
+    parsed = [(c.text, _frame_mentions(c, crop, frame_w, frame_h)) for c in candidates]
     fmt = CoordinateFormat(candidates[0].coordinate_format)
     results = refine_candidates(parsed, gt, fmt, frame_w, frame_h, crop)
     # P of each refined candidate: its own (refined) boxes plus what the grounding model found for the
@@ -186,6 +184,27 @@ def _refined(
             refined=True,
         )
         for candidate, result, before, score in zip(candidates, results, initial, scores, strict=True)
+    ]
+
+
+def _frame_mentions(
+    candidate: describer_pb2.Candidate, crop: Box, frame_w: int, frame_h: int
+) -> list[Mention]:
+    """The candidate's mentions with boxes in the model's frame, as ``parse(candidate.text)`` gives them.
+
+    The describer already parsed the text and sent the mentions (full-image pixels, markup spans);
+    moving those back into the frame is far cheaper than parsing again, which was ~40 % of a decision.
+    A record without mentions (a producer that does not fill them) is parsed here.
+    """
+    if not candidate.mentions:
+        return parse(candidate.text, CoordinateFormat(candidate.coordinate_format), frame_w, frame_h).mentions
+    return [
+        Mention(
+            m.phrase, image_to_frame(Box(*_box(m.box)), crop, frame_w, frame_h), (m.char_start, m.char_end)
+        )
+        if m.has_box
+        else Mention(m.phrase)
+        for m in candidate.mentions
     ]
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import random
 
-from services.core import Box, CoordinateFormat, render_box
+from services.core import Box, CoordinateFormat, mentions_to_image, parse, render_box
+from services.describer.logic import mention_proto
 from spr.v1 import common_pb2, describer_pb2, scoring_pb2
 
 FMT = CoordinateFormat.BRACKET_999
@@ -114,6 +115,12 @@ def _candidate(
         )
         parts.append(f"a {CATEGORIES[k]} {render_box(frame_box, FMT, FRAME, FRAME)}")
     text = "There is " + ", and ".join(parts) + (" in the grass." if index % 2 else ".")
+    # The mentions as the describer sends them: its parse of the text, boxes in full-image pixels.
+    mentions = mentions_to_image(parse(text, FMT, FRAME, FRAME).mentions, Box(*crop), FRAME, FRAME)
     return describer_pb2.Candidate(
-        candidate_id=f"{region_id}#{index}", sample_index=index, text=text, coordinate_format=FMT.value
+        candidate_id=f"{region_id}#{index}",
+        sample_index=index,
+        text=text,
+        mentions=[mention_proto(m) for m in mentions],
+        coordinate_format=FMT.value,
     )

@@ -7,6 +7,7 @@ import pytest
 from services.core import Box, CoordinateFormat, render_box
 from services.pairs.logic import PairRules, decide
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
+from tests.pairs import records
 
 FMT = CoordinateFormat.BRACKET_999
 GT = (10.0, 10.0, 50.0, 50.0)
@@ -112,3 +113,25 @@ def test_localization_only_rules_need_no_semantic_record() -> None:
     assert decision.pair.chosen.reward == pytest.approx(1.0, abs=0.01)
     with pytest.raises(ValueError, match="semantic score record is required"):
         decide(record, _loc(record, [0.8, 0.0]), None, PairRules(lambda_sem=0.8))
+
+
+def test_decisions_from_the_describers_mentions_equal_those_from_parsing_the_text() -> None:
+    # The builder reuses the mentions the describer sent instead of parsing each text again; a record
+    # without mentions is parsed. Both must give the same decision, refined texts and scores included.
+    rules = PairRules(run_id="r")
+    for index in range(40):
+        record = records.description(f"world/{index}")
+        loc, sem = records.localization(record), records.semantic(record)
+        bare = describer_pb2.DescriptionRecord()
+        bare.CopyFrom(record)
+        for candidate in bare.candidates:
+            del candidate.mentions[:]
+        assert all(c.mentions for c in record.candidates)
+        with_mentions, parsed = decide(record, loc, sem, rules), decide(bare, loc, sem, rules)
+        assert with_mentions.WhichOneof("decision") == parsed.WhichOneof("decision")
+        if with_mentions.HasField("pair"):
+            assert with_mentions.pair.chosen.text == parsed.pair.chosen.text
+            assert with_mentions.pair.chosen.s_loc == pytest.approx(parsed.pair.chosen.s_loc, abs=1e-9)
+            assert with_mentions.pair.rejected.candidate_id == parsed.pair.rejected.candidate_id
+        else:
+            assert with_mentions.skip == parsed.skip
