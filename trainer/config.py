@@ -22,6 +22,10 @@ REWARD_MARGIN = "eval_reward_margin"
 LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
+#: Training objectives (`objective`): preference learning, or the SFT-on-chosen control.
+OBJECTIVES = ("dpo", "sft-chosen")
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -45,6 +49,14 @@ class TrainerConfig:
         metadata=_help("'latest' (or any alias/version): continue that adapter; 'base': a fresh LoRA."),
     )
     # --- DPO -------------------------------------------------------------------------------------
+    objective: str = field(
+        default="dpo",
+        metadata={
+            "help": "'dpo': sigmoid DPO (+ rpo_alpha x NLL on the chosen answer); 'sft-chosen': NLL on the "
+            "chosen answers only, the paper's SFT ablation (same data, no rejected answers).",
+            "choices": OBJECTIVES,
+        },
+    )
     beta: float = field(default=0.1, metadata=_help("DPO beta (sigmoid loss)."))
     rpo_alpha: float = field(
         default=1.0, metadata=_help("Weight of the NLL term on the chosen answer (RPO); 0 = pure DPO.")
@@ -102,6 +114,10 @@ class TrainerConfig:
     bf16: str = field(default="auto", metadata=_help("'auto' (bf16 on CUDA), 'true' or 'false'."))
     metrics_port: int = field(default=0, metadata=_help("Prometheus port in run mode (0 = none)."))
 
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
     def resolved_device(self) -> str:
         """The device training runs on."""
         if self.device == "auto":
@@ -134,6 +150,7 @@ class TrainerConfig:
     def hyperparameters(self) -> dict[str, str]:
         """What goes into the manifest: everything that shapes the weights."""
         keys = [
+            "objective",
             "beta",
             "rpo_alpha",
             "learning_rate",

@@ -3,7 +3,8 @@ top to bottom.
 
 1. load the base policy through the production loader (`services.modelzoo.loading.load_policy`);
 2. attach the adapter to continue from (trainable), or let TRL add a fresh LoRA (`peft_config`);
-3. train with TRL's `DPOTrainer` (sigmoid DPO + NLL on the chosen answer, weighted `rpo_alpha`);
+3. train with TRL's `DPOTrainer` (sigmoid DPO + NLL on the chosen answer, weighted `rpo_alpha`; or
+   the NLL alone for the `sft-chosen` control);
    the reference model is the base with the adapter disabled, as TRL does for PEFT models;
 4. evaluate on the held-out pairs: preference accuracy and reward margin (TRL's own metrics);
 5. save the standard PEFT folder (adapter_config.json + adapter_model.safetensors).
@@ -56,11 +57,22 @@ def lora_config(cfg: TrainerConfig) -> LoraConfig:
     )
 
 
+def training_losses(cfg: TrainerConfig) -> tuple[list[str], list[float]]:
+    """TRL loss types and weights of the configured objective.
+
+    'sft-chosen' is TRL's "sft" loss alone: NLL on the chosen answers of the same pairs, the control
+    that tells a preference gain from the effect of training on the chosen answers at all.
+    """
+    if cfg.objective == "sft-chosen":
+        return ["sft"], [1.0]
+    if cfg.rpo_alpha > 0:
+        return ["sigmoid", "sft"], [1.0, cfg.rpo_alpha]
+    return ["sigmoid"], [1.0]
+
+
 def dpo_config(cfg: TrainerConfig, output_dir: Path) -> DPOConfig:
     """TRL arguments for one round; checkpoints are off: a crashed round is retrained from its pairs."""
-    losses, weights = ["sigmoid"], [1.0]
-    if cfg.rpo_alpha > 0:
-        losses, weights = ["sigmoid", "sft"], [1.0, cfg.rpo_alpha]
+    losses, weights = training_losses(cfg)
     device = cfg.resolved_device()
     return DPOConfig(
         output_dir=str(output_dir),

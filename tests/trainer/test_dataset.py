@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from services.describer.families import get_family
@@ -62,8 +64,8 @@ def test_parquet_export_reads_in_llama_factory_as_a_preference_dataset(tmp_path:
     assert len(assert_llama_factory_reads(tmp_path / "out", "round-2")) == 1  # both entries registered
     assert len(rows) == 3
     for row, pair, trl_row in zip(rows, pairs, dataset, strict=True):
-        # The image comes first, as in TRL's prompt turn (and serving's chat_prompt).
-        assert row["_prompt"] == [{"role": "user", "content": "<image>" + pair.prompt}]
+        # The query comes first, then the image, as in TRL's prompt turn (and serving's chat_prompt).
+        assert row["_prompt"] == [{"role": "user", "content": pair.prompt + "<image>"}]
         assert row["_response"] == [
             {"role": "assistant", "content": pair.chosen.text},
             {"role": "assistant", "content": pair.rejected.text},
@@ -93,3 +95,22 @@ def test_parquet_export_trains_with_dpo_trainer(tmp_path: Path, tiny_policy: Pat
     for key in ("train_loss", "train_reward_margin", "eval_preference_accuracy", "eval_reward_margin"):
         assert key in result.metrics
     assert_vllm_loads(result.adapter_dir, json.loads((tiny_policy / "config.json").read_text()))
+
+
+def test_sft_chosen_objective_trains_the_chosen_nll_without_the_preference_term(
+    tmp_path: Path, tiny_policy: Path
+) -> None:
+    """The SFT-on-chosen control: on the same first batch, with the fresh LoRA still equal to the
+    reference, DPO's sigmoid term is exactly ln 2, so DPO (+ NLL) minus SFT-on-chosen (NLL) is ln 2."""
+    path = export_parquet(build_dataset(make_pairs(tmp_path / "img", 6), FAMILY), tmp_path / "p.parquet")
+    train, held = split_heldout(load_parquet(path), 0.3)
+    losses = {}
+    for objective in ("dpo", "sft-chosen"):
+        cfg = small_config(tiny_policy, tmp_path / objective, objective=objective, max_steps=1, rpo_alpha=1.0)
+        losses[objective] = train_round(cfg, train, held, None, tmp_path / objective / "round").metrics[
+            "train_loss"
+        ]
+    assert losses["sft-chosen"] > 0
+    assert losses["dpo"] - losses["sft-chosen"] == pytest.approx(math.log(2), abs=1e-3)
+    with pytest.raises(ValueError, match="objective"):
+        small_config(tiny_policy, tmp_path, objective="ppo")
