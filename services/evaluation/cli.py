@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from services.adapters.store import AdapterStore
+from services.core.boxes import Box
 from services.core.formats import CoordinateFormat
 from services.describer.families import SmartResize
 from services.evaluation.datasets import RecSample, read_any
@@ -31,6 +32,7 @@ from services.evaluation.rec import (
     AdapterResult,
     FrameOf,
     Generate,
+    Prediction,
     accuracy_at,
     format_table,
     predict,
@@ -138,6 +140,21 @@ def write_outputs(results: Sequence[AdapterResult], out: Path, title: str) -> tu
     path = out / "rec_results.json"
     path.write_text(json.dumps(document, indent=1))
     return png, path
+
+
+def read_outputs(path: Path) -> list[AdapterResult]:
+    """The results :func:`write_outputs` wrote to ``rec_results.json``, in the same order."""
+    document = json.loads(path.read_text())
+    return [
+        AdapterResult(
+            name,
+            [
+                Prediction(p["sample_id"], p["text"], None if p["box"] is None else Box(*p["box"]), p["iou"])
+                for p in predictions
+            ],
+        )
+        for name, predictions in document["predictions"].items()
+    ]
 
 
 def evaluate_paths(

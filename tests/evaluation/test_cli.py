@@ -12,9 +12,11 @@ from peft import LoraConfig, get_peft_model
 from PIL import Image
 
 from services.adapters.store import AdapterStore
+from services.core.boxes import Box
 from services.core.formats import CoordinateFormat
 from services.evaluation import cli
 from services.evaluation.datasets import RecSample, read_spr_rec
+from services.evaluation.rec import AdapterResult, Prediction
 from services.modelzoo.loading import load_policy
 from services.modelzoo.tiny import ensure_model
 from services.policy.runner import PolicyRunner
@@ -83,3 +85,17 @@ def test_unknown_model_type_is_refused() -> None:
 
     with pytest.raises(ValueError, match="bert"):
         cli.coordinate_format(Model())
+
+
+def test_written_results_read_back_as_they_were(tmp_path: Path) -> None:
+    results = [
+        AdapterResult(
+            "base",
+            [Prediction("s1", "[1, 2, 3, 4]", Box(1, 2, 3, 4), 0.25), Prediction("s2", "?", None, 0.0)],
+        ),
+        AdapterResult(
+            "round 1", [Prediction("s1", "x", Box(0, 0, 9, 9), 0.75), Prediction("s2", "y", None, 0.0)]
+        ),
+    ]
+    _, path = cli.write_outputs(results, tmp_path, "t")
+    assert cli.read_outputs(path) == results
