@@ -27,7 +27,13 @@ from typing import Any, Generic, TypeVar
 from google.protobuf.message import DecodeError, Message
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
-from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError, TopicAlreadyExistsError
+from kafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    KafkaTimeoutError,
+    RebalanceInProgressError,
+    TopicAlreadyExistsError,
+)
 from kafka.structs import OffsetAndMetadata
 
 _LOG = logging.getLogger(__name__)
@@ -148,6 +154,20 @@ def parse_schema_id(raw: bytes) -> tuple[str, int]:
 # Producer
 
 
+def close_producer(producer: KafkaProducer, timeout_s: float | None = None) -> None:
+    """Close a producer, giving up on what it could not deliver within ``timeout_s``.
+
+    kafka-python's ``close`` flushes first and raises when that times out, leaving its sender thread
+    running; ``force_close`` is what ``close`` itself does with requests still pending.
+    """
+    try:
+        producer.close(timeout=timeout_s)
+    except KafkaTimeoutError:
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+
+
 class ProtoProducer:
     """Sends protobuf messages to declared topics, keyed by id, with the schema header."""
 
@@ -198,8 +218,8 @@ class ProtoProducer:
         self._producer.flush(timeout=timeout)
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush and close the connection."""
-        self._producer.close(timeout=timeout)
+        """Flush and close the connection; what is not delivered within ``timeout`` is abandoned."""
+        close_producer(self._producer, timeout)
 
     def __enter__(self) -> ProtoProducer:
         return self

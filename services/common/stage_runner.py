@@ -22,7 +22,9 @@ KServe style: ``handle(message, deadline) -> output``); everything about transpo
   ``spr-error-code``, ``spr-error-message``, ``spr-error-stage`` and ``spr-error-info`` (a serialized
   ``spr.v1.ErrorInfo``) headers, and the stage moves on. A failed *produce* (the broker refused it
   past the producer's own retries) rewinds every partition involved to its first unacknowledged
-  record: at-least-once, duplicates are dropped downstream by record ids.
+  record: at-least-once, duplicates are dropped downstream by record ids. A send not acknowledged
+  within ``ack_timeout_s`` counts as failed; either way the producers are replaced first, since an
+  idempotent producer can hold its batches for ever once a restarted broker lost its sequence state.
 * **Graceful drain.** When ``stop`` is set (SIGTERM/SIGINT in :func:`serve_stage`) the runner polls
   nothing new, finishes the batches in flight, publishes them, waits for the acknowledgements,
   commits, and leaves the group. A rebalance drops the work of the revoked partitions (see
@@ -60,6 +62,7 @@ from services.common.kafka_io import (
     ProtoProducer,
     Topic,
     UndecodableRecord,
+    close_producer,
 )
 from spr.v1 import common_pb2
 
@@ -88,6 +91,12 @@ RECORDS = common_metrics.counter(
 )
 PROCESSING_SECONDS = common_metrics.histogram(
     "spr_stage_processing_seconds", "Time the stage's handler took for one record.", ("stage",)
+)
+PRODUCER_RECOVERIES = common_metrics.counter(
+    "spr_stage_producer_recoveries",
+    "Times a stage replaced its producers and re-read its unacknowledged records (a send failed or "
+    "was not acknowledged within ack_timeout_s).",
+    ("stage",),
 )
 BATCH_RECORDS = common_metrics.histogram(
     "spr_stage_batch_records", "Records per batch handed to the workers.", ("stage",), _BATCH_BUCKETS
@@ -138,6 +147,13 @@ class RunnerSettings(BaseModel):
         default=60.0, ge=0, description="Cap of the exponential backoff between retries of one record."
     )
     request_timeout_s: float = Field(default=120.0, gt=0, description="Deadline of one record's handling.")
+    ack_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Longest wait for the broker to acknowledge a published batch; past it the producers "
+        "are replaced and the batch's partitions read again (an idempotent producer can hold its batches "
+        "for ever after a broker restart lost its sequence state).",
+    )
     drain_timeout_s: float = Field(
         default=300.0, gt=0, description="Longest wait for in-flight work on shutdown."
     )
@@ -227,6 +243,7 @@ class _Published:
     last: dict[TopicPartition, Polled] = field(default_factory=dict)
     first_offset: dict[TopicPartition, int] = field(default_factory=dict)
     sends: list[Any] = field(default_factory=list)
+    sent_at: float = field(default_factory=time.monotonic)
 
     def add(self, tracked: _Tracked, send: Any | None) -> None:
         self.last[tracked.partition] = tracked.record
@@ -258,6 +275,7 @@ class StageRunner(Generic[In, Out], ConsumerRebalanceListener):  # type: ignore[
         # a rebalance then forgets the work of the partitions it takes away.
         self.consumer.raw.unsubscribe()
         self.consumer.raw.subscribe([spec.input.name], listener=self)
+        self.kafka_settings = kafka
         self.producer = ProtoProducer(kafka)
         # Dead letters keep the original bytes and headers, which ProtoProducer (typed) cannot send.
         self.dead_letters = KafkaProducer(**kafka.producer_kwargs())
@@ -494,20 +512,36 @@ class StageRunner(Generic[In, Out], ConsumerRebalanceListener):  # type: ignore[
     # --- committing ------------------------------------------------------------------------------
 
     def _commit_acknowledged(self) -> None:
-        ready: list[Polled] = []
-        while self._unacked and self._unacked[0].acknowledged():
-            published = self._unacked.popleft()
+        ready: list[_Published] = []
+        while self._unacked:
+            published = self._unacked[0]
+            if not published.acknowledged():
+                waited = time.monotonic() - published.sent_at
+                if waited > self.settings.ack_timeout_s:
+                    self._rewind_unacknowledged(TimeoutError(f"no acknowledgement after {waited:.0f}s"))
+                break
             failure = published.failure()
             if failure is not None:
-                self._rewind_unacknowledged(published, failure)
+                self._rewind_unacknowledged(failure)
                 break
-            ready.extend(published.last.values())
+            ready.append(self._unacked.popleft())
         if ready:
-            self.consumer.commit(ready)
+            self.consumer.commit([record for published in ready for record in published.last.values()])
 
-    def _rewind_unacknowledged(self, failed: _Published, failure: BaseException) -> None:
-        """A send failed: read every partition again from its first record not acknowledged."""
-        first = dict(failed.first_offset)
+    def _rewind_unacknowledged(self, failure: BaseException) -> None:
+        """A send failed or hangs: new producers, and every partition read again from its first record
+        not acknowledged.
+
+        New producers because an idempotent producer whose batch failed (OutOfOrderSequenceNumber after a
+        broker lost its producer state) can hold every later batch for ever; what the old ones still hold
+        is abandoned, and re-sent from the re-read records (at-least-once, duplicates dropped downstream).
+        """
+        PRODUCER_RECOVERIES.labels(self.spec.name).inc()
+        self.producer.close(0)
+        close_producer(self.dead_letters, 0)
+        self.producer = ProtoProducer(self.kafka_settings)
+        self.dead_letters = KafkaProducer(**self.kafka_settings.producer_kwargs())
+        first: dict[TopicPartition, int] = {}
         for later in self._unacked:
             for partition, offset in later.first_offset.items():
                 first[partition] = min(first.get(partition, offset), offset)

@@ -70,6 +70,7 @@ from services.common.kafka_io import (
     ProtoProducer,
     Topic,
     UndecodableRecord,
+    close_producer,
     decode_record,
     ensure_topics,
 )
@@ -188,8 +189,8 @@ class PairBuilder:
     def close(self) -> None:
         """Leave the group (uncommitted records go to other members) and close the clients."""
         self.consumer.close()
-        _close(self.producer._producer, self.settings.produce_timeout_s)  # the typed producer's KafkaProducer
-        _close(self.dead_letters, self.settings.produce_timeout_s)
+        self.producer.close(self.settings.produce_timeout_s)
+        close_producer(self.dead_letters, self.settings.produce_timeout_s)
         self._pairs_reader.close()
 
     # --- one record -----------------------------------------------------------------------------
@@ -310,8 +311,8 @@ class PairBuilder:
         """
         _LOG.error("%s; re-reading from the commit point with new producers", why)
         metrics.RECOVERIES.inc()
-        _close(self.producer._producer, 0)  # the typed producer's KafkaProducer
-        _close(self.dead_letters, 0)
+        self.producer.close(0)
+        close_producer(self.dead_letters, 0)
         self.producer = ProtoProducer(self.kafka, batch_size=PRODUCE_BATCH_BYTES, linger_ms=PRODUCE_LINGER_MS)
         self.dead_letters = KafkaProducer(**self.kafka.producer_kwargs())
         self._pending.clear()
@@ -497,20 +498,6 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         with self._lock:
             events, self._events = self._events, []
         return events
-
-
-def _close(producer: KafkaProducer, timeout_s: float) -> None:
-    """Close a producer, giving up on what it could not deliver within ``timeout_s``.
-
-    kafka-python's ``close`` flushes first and raises when that times out, leaving its sender thread
-    running; ``force_close`` is what ``close`` itself does with requests still pending.
-    """
-    try:
-        producer.close(timeout=timeout_s)
-    except KafkaTimeoutError:
-        sender = getattr(producer, "_sender", None)
-        if sender is not None:
-            sender.force_close()
 
 
 def _observe(decision: pairs_pb2.PairDecision, join_seconds: float, candidates: int) -> None:

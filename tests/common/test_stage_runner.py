@@ -28,6 +28,7 @@ from services.common.errors import SprError
 from services.common.kafka_io import SCHEMA_HEADER, KafkaSettings, ProtoProducer, Topic, ensure_topics
 from services.common.stage_runner import (
     BATCH_RECORDS,
+    PRODUCER_RECOVERIES,
     RECORDS,
     RunnerSettings,
     StageRunner,
@@ -327,3 +328,36 @@ def _serve_slow_echo(argv: list[str]) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     _serve_slow_echo(sys.argv[1:])
+
+
+def test_outputs_never_acknowledged_are_resent_by_new_producers_after_the_ack_timeout(
+    kafka_broker: BrokerProcess, broker_factory: Any, runners: list[StageRunner[Any, Any]]
+) -> None:
+    """A producer whose sends are never acknowledged while the broker of the stage answers everything
+    else: past ``ack_timeout_s`` the stage replaces its producers and re-reads from the first
+    unacknowledged record, and every record gets its output and its commit.
+
+    The real trigger, an idempotent producer stuck after a restarted broker lost its sequence state,
+    cannot be produced on demand; here the stage's first producer is connected to a second, frozen
+    (SIGSTOP) broker instead, which leaves its sends unacknowledged in the same way.
+    """
+    kafka = kafka_broker.settings()
+    spec = make_spec("echo_ack_timeout", echo, kafka=kafka)
+    ids = [f"a{i:02d}" for i in range(6)]
+    send_regions(kafka, spec.input, ids)
+    recoveries = PRODUCER_RECOVERIES.labels(spec.name)._value.get()
+    runner = StageRunner(spec, RunnerSettings(batch_size=3, ack_timeout_s=1.5), kafka)
+    runners.append(runner)
+    frozen = broker_factory()
+    create_topics(frozen.settings(), spec)
+    runner.producer.close()
+    runner.producer = ProtoProducer(frozen.settings())
+    runner.producer.send_and_wait(spec.output, "warm-up", common_pb2.Region())  # metadata known: no block
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        step_until(runner, lambda: committed(runner) == len(ids), timeout=60)
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    assert PRODUCER_RECOVERIES.labels(spec.name)._value.get() - recoveries == 1
+    outputs = read_all(kafka, spec.output.name, len(ids))
+    assert [r.key.decode() for r in outputs] == ids
