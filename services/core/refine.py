@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import numpy.typing as npt
 
-from services.core.boxes import Box, FloatArray, image_to_frame, sanitize_box
+from services.core.boxes import Box, FloatArray, frame_to_image, image_to_frame, sanitize_box
 from services.core.formats import (
     CoordinateFormat,
     Mention,
@@ -80,31 +81,72 @@ def refine_candidates(
     crop: Box | None = None,
     iou_threshold: float = REFINE_IOU_THRESHOLD,
 ) -> list[RefineResult]:
-    """:func:`refine` for every ``(text, mentions)`` candidate of one region.
-
-    The region's work is shared: one IoU matrix for all candidates' boxes, and each GT box is
-    converted to the model's frame and format once however many candidates it replaces a box in.
-    """
-    gt = as_box_array(gt_boxes)
+    """:func:`refine` for every ``(text, mentions)`` candidate of one region (see :func:`match_to_gt`)."""
     boxed = [
         [i for i, m in enumerate(ms) if m.box is not None and m.span is not None] for _, ms in candidates
     ]
-    every_box = [ms[i] for (_, ms), rows in zip(candidates, boxed, strict=True) for i in rows]
-    ious = iou_matrix(mention_boxes_in_image(every_box, crop, frame_w, frame_h), gt)
-    gt_written: dict[int, NativeBox | None] = {}
-    results, start = [], 0
-    for (text, mentions), rows in zip(candidates, boxed, strict=True):
-        end = start + len(rows)
-        new_boxes: dict[int, NativeBox] = {}
-        for row, col in greedy_match(ious[start:end], iou_threshold):
-            if col not in gt_written:
-                gt_written[col] = _gt_as_written(Box(*gt[col].tolist()), fmt, crop, frame_w, frame_h)
-            native = gt_written[col]
-            if native is not None:
-                new_boxes[rows[row]] = native
-        start = end
+    in_image = [
+        mention_boxes_in_image([ms[i] for i in rows], crop, frame_w, frame_h)
+        for (_, ms), rows in zip(candidates, boxed, strict=True)
+    ]
+    matches = match_to_gt(in_image, gt_boxes, fmt, frame_w, frame_h, crop, iou_threshold)
+    results = []
+    for (text, mentions), rows, matched in zip(candidates, boxed, matches, strict=True):
+        new_boxes = {rows[row]: replacement.native for row, replacement in matched.items()}
         results.append(RefineResult(*rewrite_mentions(text, mentions, new_boxes, fmt), len(new_boxes)))
     return results
+
+
+@dataclass(frozen=True, slots=True)
+class Replacement:
+    """The GT box that replaces a candidate's box: as the model writes it, and back in image pixels."""
+
+    native: NativeBox  # in the model's frame, clipped to it, on the format's grid
+    in_image: tuple[float, float, float, float]  # that written box in full-image pixels
+
+
+def match_to_gt(
+    boxes_in_image: Sequence[FloatArray],
+    gt_boxes: npt.ArrayLike,
+    fmt: CoordinateFormat,
+    frame_w: float,
+    frame_h: float,
+    crop: Box | None = None,
+    iou_threshold: float = REFINE_IOU_THRESHOLD,
+) -> list[dict[int, Replacement]]:
+    """Which boxes of each candidate refinement replaces, and by what: ``{row: Replacement}`` per
+    candidate, rows of its ``(k, 4)`` full-image array (its boxed mentions in order).
+
+    The region's work is shared: one IoU matrix for all candidates' boxes, and each GT box is
+    converted to the model's frame and format once however many candidates it replaces a box in.
+    Refined scores need only this; the text itself is rewritten by :func:`rewrite_mentions`.
+    """
+    gt = as_box_array(gt_boxes)
+    counts = [len(boxes) for boxes in boxes_in_image]
+    every_box = np.concatenate(boxes_in_image) if boxes_in_image else np.zeros((0, 4))
+    ious = iou_matrix(every_box, gt)
+    written: dict[int, Replacement | None] = {}
+    matches, start = [], 0
+    for count in counts:
+        matched: dict[int, Replacement] = {}
+        for row, col in greedy_match(ious[start : start + count], iou_threshold):
+            if col not in written:
+                written[col] = _replacement(Box(*gt[col].tolist()), fmt, crop, frame_w, frame_h)
+            replacement = written[col]
+            if replacement is not None:
+                matched[row] = replacement
+        start += count
+        matches.append(matched)
+    return matches
+
+
+def _replacement(
+    gt: Box, fmt: CoordinateFormat, crop: Box | None, frame_w: float, frame_h: float
+) -> Replacement | None:
+    native = _gt_as_written(gt, fmt, crop, frame_w, frame_h)
+    if native is None:
+        return None
+    return Replacement(native, frame_to_image(native.box, crop, frame_w, frame_h).as_tuple())
 
 
 def _gt_as_written(

@@ -36,8 +36,8 @@ from services.core import (
     select_pair,
 )
 from services.core.boxes import image_to_frame
-from services.core.formats import Mention, mention_boxes_in_image
-from services.core.refine import refine_candidates
+from services.core.formats import Mention, mention_boxes_in_image, rewrite_mentions
+from services.core.refine import match_to_gt
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 
 
@@ -80,7 +80,7 @@ def decide(
         c for c in record.candidates if c.candidate_id in loc and (semantic is None or c.candidate_id in sem)
     ]
     initial = [_initial(c, loc[c.candidate_id], sem.get(c.candidate_id), rules) for c in scored]  # type: ignore[arg-type]
-    refined = _refined(record, scored, loc, initial, rules)  # type: ignore[arg-type]
+    refined = _best_refined(record, scored, loc, initial, rules)  # type: ignore[arg-type]
     choice = select_pair(initial, refined, rules.delta)
     return _decision(record, localization, semantic, choice, rules)
 
@@ -146,56 +146,82 @@ def _initial(
     )
 
 
-def _refined(
+def _best_refined(
     record: describer_pb2.DescriptionRecord,
     candidates: list[describer_pb2.Candidate],
     loc: dict[str, scoring_pb2.LocalizationScore],
     initial: list[ScoredCandidate],
     rules: PairRules,
 ) -> list[ScoredCandidate]:
-    """Refine every candidate and re-score its S_loc against GT (S_sem carried over: see module doc)."""
+    """Refine every candidate, re-score its S_loc against GT (S_sem carried over: see module doc) and
+    return the best refined candidate, the only one `select_pair` can choose ([] when none).
+
+    Only that candidate's text is rewritten: scores need just the refined boxes.
+    """
     if not candidates or not record.frame_width or not record.frame_height:
         return []
     frame_w, frame_h = record.frame_width, record.frame_height
     crop = Box(*_box(record.crop_box))
     gt = _gt(record.region)
-    parsed = [(c.text, _frame_mentions(c, crop, frame_w, frame_h)) for c in candidates]
     fmt = CoordinateFormat(candidates[0].coordinate_format)
-    results = refine_candidates(parsed, gt, fmt, frame_w, frame_h, crop)
-    # P of each refined candidate: its own (refined) boxes plus what the grounding model found for the
-    # original's phrases; all candidates scored against the GT in one vectorised call.
-    predictions = [
-        np.concatenate(
-            (
-                mention_boxes_in_image(result.mentions, crop, frame_w, frame_h),
-                as_box_array([_box(g.box) for g in loc[candidate.candidate_id].grounded]),
-            )
-        )
-        for candidate, result in zip(candidates, results, strict=True)
-    ]
+    own = [_boxes_in_image(c, crop, frame_w, frame_h) for c in candidates]
+    matches = match_to_gt(own, gt, fmt, frame_w, frame_h, crop)
+    # P of each refined candidate: its own boxes, the matched ones replaced by their GT box as written,
+    # plus what the grounding model found for the original's phrases; scored in one vectorised call.
+    predictions = []
+    for candidate, boxes, matched in zip(candidates, own, matches, strict=True):
+        if matched:
+            boxes = boxes.copy()
+            boxes[list(matched)] = [replacement.in_image for replacement in matched.values()]
+        grounded = as_box_array([_box(g.box) for g in loc[candidate.candidate_id].grounded])
+        predictions.append(np.concatenate((boxes, grounded)))
     scores = localization_scores(gt, predictions, rules.iou_floor)
+    rewards = [
+        reward(b.s_sem, score.s_loc, rules.lambda_sem) for b, score in zip(initial, scores, strict=True)
+    ]
+    best = max(range(len(rewards)), key=rewards.__getitem__)  # the first of equals, as select_pair
+    candidate = candidates[best]
+    mentions = _frame_mentions(candidate, crop, frame_w, frame_h)
+    rows = _boxed(mentions)
+    text, _ = rewrite_mentions(
+        candidate.text, mentions, {rows[row]: r.native for row, r in matches[best].items()}, fmt
+    )
     return [
         ScoredCandidate(
             candidate_id=candidate.candidate_id + "/refined",
-            text=result.text,
-            s_sem=before.s_sem,
-            s_loc=score.s_loc,
-            reward=reward(before.s_sem, score.s_loc, rules.lambda_sem),
+            text=text,
+            s_sem=initial[best].s_sem,
+            s_loc=scores[best].s_loc,
+            reward=rewards[best],
             refined=True,
         )
-        for candidate, result, before, score in zip(candidates, results, initial, scores, strict=True)
     ]
+
+
+def _boxed(mentions: Sequence[Mention]) -> list[int]:
+    """Indices of the mentions refinement can rewrite: those with a box and its markup."""
+    return [i for i, m in enumerate(mentions) if m.box is not None and m.span is not None]
+
+
+def _boxes_in_image(
+    candidate: describer_pb2.Candidate, crop: Box, frame_w: int, frame_h: int
+) -> npt.NDArray[np.float64]:
+    """``(k, 4)`` full-image boxes of the candidate's boxed mentions, in mention order.
+
+    The describer sends them already parsed (full-image pixels); a record without mentions (a producer
+    that does not fill them) is parsed here. Parsing every text again was ~40 % of a decision.
+    """
+    if candidate.mentions:
+        return as_box_array([_box(m.box) for m in candidate.mentions if m.has_box])
+    mentions = _frame_mentions(candidate, crop, frame_w, frame_h)
+    return mention_boxes_in_image([mentions[i] for i in _boxed(mentions)], crop, frame_w, frame_h)
 
 
 def _frame_mentions(
     candidate: describer_pb2.Candidate, crop: Box, frame_w: int, frame_h: int
 ) -> list[Mention]:
-    """The candidate's mentions with boxes in the model's frame, as ``parse(candidate.text)`` gives them.
-
-    The describer already parsed the text and sent the mentions (full-image pixels, markup spans);
-    moving those back into the frame is far cheaper than parsing again, which was ~40 % of a decision.
-    A record without mentions (a producer that does not fill them) is parsed here.
-    """
+    """The candidate's mentions with boxes in the model's frame, as ``parse(candidate.text)`` gives them
+    (moved back from the describer's full-image mentions when it sent them)."""
     if not candidate.mentions:
         return parse(candidate.text, CoordinateFormat(candidate.coordinate_format), frame_w, frame_h).mentions
     return [
