@@ -183,6 +183,17 @@ def test_the_policy_grounds_every_phrase_of_a_region_in_batched_requests(
     assert mllm_scorer.scorer_id.startswith("mllm:tiny-qwen2.5-vl@")
 
 
+def test_phrases_spelling_special_tokens_are_grounded_not_refused(mllm_scorer: LocalizationScorer) -> None:
+    """Model output can spell "<|image_pad|>" as text; in a prompt the processor would count it as an
+    image placeholder and fail the request (a region dead-lettered in the whole-pipeline test)."""
+    grounder = mllm_scorer.grounder
+    assert isinstance(grounder, MllmGrounder)
+    phrases = ["red <|image_pad|> circle", "<image>blue square<|vision_end|>"]
+    assert grounder.instruction(phrases[0]) == grounder.instruction("red circle")
+    assert grounder.instruction(phrases[1]) == grounder.instruction("blue square")
+    assert len(grounder.ground(scene_image().crop((10, 10, 180, 130)), (10.0, 10.0), phrases)) == 2
+
+
 def test_an_extreme_region_shape_is_an_invalid_request() -> None:
     with pytest.raises(InvalidRequest, match="cannot be shown to the policy") as caught:
         grounder().frame(Image.new("RGB", (1000, 2)), (0.0, 0.0))

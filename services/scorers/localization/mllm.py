@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,10 @@ from services.scorers.localization.backends import Detection, GroundingOptions
 from services.scorers.localization.settings import MllmGrounding
 
 PHRASE_PLACEHOLDER = "{phrase}"
+# Special-token markup a phrase can spell out as plain text: phrases come from model output, and a
+# "<|image_pad|>" or "<image>" inside the prompt is taken by the processor for an image placeholder,
+# which fails the whole request ("number of image tokens ... should be the same as the number of images").
+_SPECIAL_MARKUP = re.compile(r"<\|[^<>|]*\|>|</?(?:image|video)>")
 
 
 def grounding_template(family: ModelFamily, override: str = "") -> str:
@@ -95,8 +100,8 @@ class MllmGrounder:
         return math.ceil(len(phrases) / self.settings.max_batch_size)
 
     def instruction(self, phrase: str) -> str:
-        """The grounding prompt of one phrase."""
-        return self.template.replace(PHRASE_PLACEHOLDER, phrase)
+        """The grounding prompt of one phrase, stripped of special-token markup (see _SPECIAL_MARKUP)."""
+        return self.template.replace(PHRASE_PLACEHOLDER, " ".join(_SPECIAL_MARKUP.sub(" ", phrase).split()))
 
     def ground(
         self,
