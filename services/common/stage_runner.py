@@ -20,7 +20,9 @@ KServe style: ``handle(message, deadline) -> output``); everything about transpo
   dead-lettered. Anything else (a non-retryable SprError, an undecodable record, an unexpected
   exception) sends the original record, bytes and headers, to the dead-letter topic with
   ``spr-error-code``, ``spr-error-message``, ``spr-error-stage`` and ``spr-error-info`` (a serialized
-  ``spr.v1.ErrorInfo``) headers, and the stage moves on. A failed *produce* (the broker refused it
+  ``spr.v1.ErrorInfo``) headers, and the stage moves on; a stage with ``on_failure`` (the scorers) also
+  produces that function's output for the record, so a join downstream learns of the failure at once.
+  A failed *produce* (the broker refused it
   past the producer's own retries) rewinds every partition involved to its first unacknowledged
   record: at-least-once, duplicates are dropped downstream by record ids. A send not acknowledged
   within ``ack_timeout_s`` counts as failed; either way the producers are replaced first, since an
@@ -184,6 +186,7 @@ class RunnerSettings(BaseModel):
 
 Handler = Callable[[In, float], Out]
 KeyOf = Callable[[ConsumedRecord[In], Out], str]
+FailureOutput = Callable[[In, common_pb2.ErrorInfo], Out]
 
 
 def record_key(record: ConsumedRecord[Any], output: Message) -> str:
@@ -197,6 +200,9 @@ class StageSpec(Generic[In, Out]):
 
     ``handle(message, deadline)`` (``deadline`` on ``time.monotonic()``) returns the output message
     or raises; an :class:`SprError` says whether retrying can help. ``key`` names the output's key.
+    ``on_failure(message, error)``, when given, is the output that tells downstream a decodable record
+    failed for good; it is produced besides the record's dead letter, so that a consumer joining this
+    output never waits for a record that will not come.
     """
 
     name: str
@@ -206,6 +212,7 @@ class StageSpec(Generic[In, Out]):
     group_id: str
     handle: Handler[In, Out]
     key: KeyOf[In, Out] = record_key
+    on_failure: FailureOutput[In, Out] | None = None
 
 
 @dataclass(frozen=True)
@@ -245,11 +252,10 @@ class _Published:
     sends: list[Any] = field(default_factory=list)
     sent_at: float = field(default_factory=time.monotonic)
 
-    def add(self, tracked: _Tracked, send: Any | None) -> None:
+    def add(self, tracked: _Tracked, sends: Sequence[Any]) -> None:
         self.last[tracked.partition] = tracked.record
         self.first_offset.setdefault(tracked.partition, tracked.record.offset)
-        if send is not None:
-            self.sends.append(send)
+        self.sends.extend(sends)
 
     def acknowledged(self) -> bool:
         return all(send.is_done for send in self.sends)
@@ -451,14 +457,15 @@ class StageRunner(Generic[In, Out], ConsumerRebalanceListener):  # type: ignore[
                 self._unacked.append(published)
             self._metric.in_flight.set(self.in_flight)
 
-    def _send(self, tracked: _Tracked, outcome: Outcome) -> Any:
+    def _send(self, tracked: _Tracked, outcome: Outcome) -> list[Any]:
+        """The sends of one finished record: its output, or its dead letter (and failure output)."""
         record = tracked.record
         self._published_since_stats += 1
         if outcome.output is not None and isinstance(record, ConsumedRecord):
             self._metric.records("produced")
             key = self.spec.key(record, outcome.output)  # type: ignore[arg-type]
             output: Out = outcome.output  # type: ignore[assignment]  # the handler's return value
-            return self.producer.send(self.spec.output, key, output)
+            return [self.producer.send(self.spec.output, key, output)]
         self._metric.records("dead_lettered")
         common_metrics.ERRORS.labels(f"{self.spec.name}_stage", outcome.code).inc()
         _LOG.warning(
@@ -470,12 +477,19 @@ class StageRunner(Generic[In, Out], ConsumerRebalanceListener):  # type: ignore[
             outcome.code,
             outcome.message,
         )
-        return self.dead_letters.send(
-            self.spec.dead_letter_topic,
-            key=_key_bytes(record),
-            value=_value_bytes(record),
-            headers=dead_letter_headers(self.spec.name, record, outcome.code, outcome.message),
-        )
+        info = error_info(self.spec.name, record, outcome.code, outcome.message)
+        sends = [
+            self.dead_letters.send(
+                self.spec.dead_letter_topic,
+                key=_key_bytes(record),
+                value=_value_bytes(record),
+                headers=dead_letter_headers(record, info),
+            )
+        ]
+        if self.spec.on_failure is not None and isinstance(record, ConsumedRecord):
+            failure = self.spec.on_failure(record.message, info)
+            sends.append(self.producer.send(self.spec.output, self.spec.key(record, failure), failure))
+        return sends
 
     def _rewind_for_retry(self, tracked: _Tracked, outcome: Outcome) -> None:
         offset = tracked.record.offset
@@ -596,9 +610,9 @@ class _StageMetrics:
             CONSUMER_LAG.remove(self.stage, partition.topic, str(partition.partition))
 
 
-def dead_letter_headers(stage: str, record: Polled, code: str, message: str) -> Headers:
-    """The record's own headers plus the ``spr-error-*`` ones (``spr-error-info``: an ErrorInfo)."""
-    info = common_pb2.ErrorInfo(
+def error_info(stage: str, record: Polled, code: str, message: str) -> common_pb2.ErrorInfo:
+    """What went wrong with ``record`` in ``stage``, and where the record came from."""
+    return common_pb2.ErrorInfo(
         stage=stage,
         code=code,
         message=message,
@@ -606,11 +620,15 @@ def dead_letter_headers(stage: str, record: Polled, code: str, message: str) -> 
         source_partition=record.partition,
         source_offset=record.offset,
     )
+
+
+def dead_letter_headers(record: Polled, info: common_pb2.ErrorInfo) -> Headers:
+    """The record's own headers plus the ``spr-error-*`` ones (``spr-error-info``: the ErrorInfo)."""
     return [
         *record.headers,
-        (HEADER_ERROR_CODE, code.encode()),
-        (HEADER_ERROR_MESSAGE, message.encode("utf-8", "replace")),
-        (HEADER_ERROR_STAGE, stage.encode()),
+        (HEADER_ERROR_CODE, info.code.encode()),
+        (HEADER_ERROR_MESSAGE, info.message.encode("utf-8", "replace")),
+        (HEADER_ERROR_STAGE, info.stage.encode()),
         (HEADER_ERROR_INFO, info.SerializeToString()),
     ]
 

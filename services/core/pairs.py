@@ -20,6 +20,7 @@ class SkipReason(IntEnum):
     SAME_TEXT = 2
     TOO_FEW_CANDIDATES = 3
     SCORES_TIMED_OUT = 4  # decided by the pair builder's join, never by select_pair
+    SCORING_FAILED = 5  # likewise: a scorer sent an error record instead of scores
 
     @property
     def proto_name(self) -> str:

@@ -103,10 +103,37 @@ def mismatch(
     for name, scored in scores:
         if scored.lineage.run_id != run_id:
             return f"{name} scores are of run {scored.lineage.run_id!r}, the description of run {run_id!r}"
+        if scored.HasField("error"):
+            continue  # a failure record names no candidates (see scoring_failed)
         named = sorted(s.candidate_id for s in scored.scores)
         if named != ids:
             return f"{name} scores name candidates {named[:4]}..., the description {ids[:4]}..."
     return ""
+
+
+def scoring_error(
+    localization: scoring_pb2.LocalizationScoreRecord, semantic: scoring_pb2.SemanticScoreRecord | None
+) -> common_pb2.ErrorInfo | None:
+    """The error of the first score record that says its scorer failed on the description, if any."""
+    for scored in (localization, semantic):
+        if scored is not None and scored.HasField("error"):
+            return scored.error
+    return None
+
+
+def scoring_failed(
+    record: describer_pb2.DescriptionRecord, error: common_pb2.ErrorInfo, rules: PairRules
+) -> pairs_pb2.PairDecision:
+    """The decision of a region a scorer could not score: a SCORING_FAILED skip naming the error."""
+    lineage = common_pb2.Lineage()
+    lineage.CopyFrom(record.lineage)
+    lineage.run_id = rules.run_id
+    return pairs_pb2.PairDecision(
+        region_id=record.region.region_id,
+        skip=pairs_pb2.SKIP_REASON_SCORING_FAILED,
+        detail=f"{error.stage}: {error.code} {error.message}",
+        lineage=lineage,
+    )
 
 
 def timed_out(

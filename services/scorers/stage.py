@@ -16,10 +16,11 @@ from google.protobuf.message import Message
 from services.common.kafka_io import ConsumedRecord, KafkaSettings, Topic
 from services.common.stage_runner import StageRunner, StageSpec
 from services.scorers.settings import ScorerStageSettings
-from spr.v1 import describer_pb2
+from spr.v1 import common_pb2, describer_pb2
 
 R = TypeVar("R", bound=Message)
 ScoreFn = Callable[[describer_pb2.DescriptionRecord, float], R]
+FailureFn = Callable[[describer_pb2.DescriptionRecord, common_pb2.ErrorInfo], R]
 
 
 def region_key(record: ConsumedRecord[describer_pb2.DescriptionRecord], output: Message) -> str:
@@ -28,9 +29,18 @@ def region_key(record: ConsumedRecord[describer_pb2.DescriptionRecord], output: 
 
 
 def score_stage(
-    name: str, score: ScoreFn[R], output: Topic[R], settings: ScorerStageSettings, kafka: KafkaSettings | None
+    name: str,
+    score: ScoreFn[R],
+    failure: FailureFn[R],
+    output: Topic[R],
+    settings: ScorerStageSettings,
+    kafka: KafkaSettings | None,
 ) -> StageRunner[describer_pb2.DescriptionRecord, R]:
-    """The stage runner of one scorer: ``descriptions`` -> ``output``."""
+    """The stage runner of one scorer: ``descriptions`` -> ``output``.
+
+    A description that cannot be scored goes to the dead-letter topic and, as ``failure`` (a score
+    record carrying the error), to ``output`` too: the pair builder decides its region at once.
+    """
     spec: StageSpec[describer_pb2.DescriptionRecord, R] = StageSpec(
         name=name,
         input=Topic(settings.descriptions_topic, describer_pb2.DescriptionRecord),
@@ -40,6 +50,7 @@ def score_stage(
         group_id=settings.group_id or f"spr-{name.removesuffix('_scorer')}",
         handle=score,
         key=region_key,
+        on_failure=failure,
     )
     return StageRunner(spec, settings, kafka or settings.kafka(f"spr-{name}"))
 

@@ -262,6 +262,39 @@ def test_failures_go_to_the_dead_letter_topic_with_the_error_in_headers(
     assert counted(spec.name, "dead_lettered") == 3
 
 
+def test_a_failure_output_tells_downstream_besides_the_dead_letter(
+    kafka_broker: BrokerProcess, runners: list[StageRunner[Any, Any]]
+) -> None:
+    """With ``on_failure`` (the scorers), a record that fails for good also yields an output carrying
+    the error, so that a join downstream decides at once; undecodable records only get dead letters."""
+    kafka = kafka_broker.settings()
+
+    def picky(region: common_pb2.Region, deadline: float) -> common_pb2.Region:
+        if region.region_id == "bad":
+            raise Rejected("no such image")
+        return echo(region, deadline)
+
+    def failure(region: common_pb2.Region, error: common_pb2.ErrorInfo) -> common_pb2.Region:
+        return common_pb2.Region(region_id=region.region_id, sampler_version=f"failed:{error.code}")
+
+    spec = replace(make_spec("failure_echo", picky), on_failure=failure)
+    create_topics(kafka, spec)
+    send_regions(kafka, spec.input, ["good", "bad"])
+    with KafkaProducer(**kafka.producer_kwargs()) as raw:
+        raw.send(spec.input.name, key=b"alien", value=b"\x00", headers=[(SCHEMA_HEADER, b"x/1")]).get(30)
+    runner = StageRunner(spec, RunnerSettings(batch_size=4), kafka)
+    runners.append(runner)
+
+    step_until(runner, lambda: committed(runner) == 3)
+
+    outputs = {r.key: common_pb2.Region.FromString(r.value) for r in read_all(kafka, spec.output.name, 2)}
+    assert {key: o.sampler_version for key, o in outputs.items()} == {
+        b"good": "echoed",
+        b"bad": "failed:TEST_REJECTED",
+    }
+    assert {r.key for r in read_all(kafka, spec.dead_letter_topic, 2)} == {b"bad", b"alien"}
+
+
 def test_sigterm_drains_the_records_in_flight_before_the_process_exits(
     kafka_broker: BrokerProcess, tmp_path: Path
 ) -> None:

@@ -15,7 +15,7 @@ from services.core import pair_id
 from services.devstack.broker import BrokerProcess
 from services.pairs.builder import CODE_MISMATCH, CODE_TIMED_OUT, CODE_UNDECODABLE, PairBuilder
 from services.pairs.logic import decide
-from spr.v1 import common_pb2, pairs_pb2
+from spr.v1 import common_pb2, pairs_pb2, scoring_pb2
 from tests.pairs.stream import StreamTopics, read_raw, read_topic, region_messages
 
 pytestmark = pytest.mark.integration
@@ -24,6 +24,7 @@ RUN = "run-it"
 METRICS = [
     ("spr_pairs_dead_letters_total", {"code": CODE_MISMATCH}),
     ("spr_pairs_decisions_total", {"outcome": "scores_timed_out"}),
+    ("spr_pairs_decisions_total", {"outcome": "scoring_failed"}),
     ("spr_pairs_dropped_records_total", None),
     ("spr_pairs_margin_count", {}),
 ]
@@ -51,7 +52,7 @@ def _produce_shuffled(kafka: KafkaSettings, topics: StreamTopics, region_ids: li
 
 def _produce_bad_input(kafka: KafkaSettings, topics: StreamTopics) -> None:
     """An undecodable record, a region whose scores are of another run, a region never scored
-    semantically, and a duplicated score record of a good region."""
+    semantically, a region its localization scorer failed on, and a duplicated score record."""
     with ProtoProducer(kafka) as producer:
         raw = producer._producer  # the typed producer cannot send a wrong schema header; that is the point
         raw.send(
@@ -69,6 +70,18 @@ def _produce_bad_input(kafka: KafkaSettings, topics: StreamTopics) -> None:
         producer.send(topics.descriptions, "bad/no-semantic", record)
         producer.send(topics.localization, "bad/no-semantic", loc)
         producer.send(topics.localization, "good/3", region_messages("good/3")[1])  # a duplicate
+        record, loc, sem = region_messages("bad/scoring-failed")
+        failed = scoring_pb2.LocalizationScoreRecord(
+            region_id=loc.region_id,
+            lineage=loc.lineage,
+            error=common_pb2.ErrorInfo(stage="localization_scorer", code="POLICY_FAILED", message="boom"),
+        )
+        for topic, message in (
+            (topics.descriptions, record),
+            (topics.localization, failed),
+            (topics.semantic, sem),
+        ):
+            producer.send(topic, "bad/scoring-failed", message)
 
 
 @pytest.mark.parametrize("broker_fixture", ["kafka_broker", "tansu_broker"])
@@ -86,13 +99,13 @@ def test_one_decision_per_region_with_deterministic_ids(
     _produce_shuffled(kafka, topics, good)
     _produce_bad_input(kafka, topics)
 
-    before = {name: _sample(name, labels) for name, labels in METRICS}
+    before = [_sample(name, labels) for name, labels in METRICS]
     builder = PairBuilder(settings, kafka)
     stop = threading.Event()
     thread = threading.Thread(target=builder.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        decisions = read_topic(kafka, topics.pairs, lambda found: len(found) >= len(good) + 1, timeout_s=90)
+        decisions = read_topic(kafka, topics.pairs, lambda found: len(found) >= len(good) + 2, timeout_s=90)
         dead = read_raw(kafka, topics.dead_letters.name, 1, lambda found: len(found) >= 6, timeout_s=30)
     finally:
         stop.set()
@@ -100,11 +113,16 @@ def test_one_decision_per_region_with_deterministic_ids(
         builder.close()
 
     by_region = Counter(d.message.region_id for d in decisions)
-    assert set(by_region) == {*good, "bad/no-semantic"} and set(by_region.values()) == {1}
+    assert set(by_region) == {*good, "bad/no-semantic", "bad/scoring-failed"}
+    assert set(by_region.values()) == {1}
     for found in decisions:
         decision = found.message
         if found.key == "bad/no-semantic":
             assert decision.skip == pairs_pb2.SKIP_REASON_SCORES_TIMED_OUT
+            continue
+        if found.key == "bad/scoring-failed":  # decided at once from the scorer's error record
+            assert decision.skip == pairs_pb2.SKIP_REASON_SCORING_FAILED
+            assert decision.detail == "localization_scorer: POLICY_FAILED boom"
             continue
         expected = decide(*region_messages(found.key), settings.rules())
         assert decision == expected  # the same decision as the core logic on the same records
@@ -114,13 +132,13 @@ def test_one_decision_per_region_with_deterministic_ids(
 
     codes = Counter(dict(r.headers)["spr-error-code"].decode() for r in dead)
     assert codes == {CODE_UNDECODABLE: 1, CODE_MISMATCH: 3, CODE_TIMED_OUT: 2}
-    grown = {name: _sample(name, labels) - before[name] for name, labels in METRICS}
-    assert grown["spr_pairs_dead_letters_total"] == 3  # RECORDS_MISMATCH
-    assert grown["spr_pairs_decisions_total"] == 1  # scores_timed_out
-    assert grown["spr_pairs_dropped_records_total"] >= 1  # the duplicated score record
-    assert grown["spr_pairs_margin_count"] == sum(
-        d.message.WhichOneof("decision") == "pair" for d in decisions
+    mismatched, timed_out, failed, dropped, margins = (
+        _sample(name, labels) - was for (name, labels), was in zip(METRICS, before, strict=True)
     )
+    assert mismatched == 3  # RECORDS_MISMATCH
+    assert timed_out == 1 and failed == 1
+    assert dropped >= 1  # the duplicated score record
+    assert margins == sum(d.message.WhichOneof("decision") == "pair" for d in decisions)
     info = common_pb2.ErrorInfo.FromString(
         next(dict(r.headers)["spr-error-info"] for r in dead if r.key == b"bad/no-semantic")
     )

@@ -226,3 +226,12 @@ def test_kafka_stage_scores_equal_grpc_scores_and_bad_records_are_dead_lettered(
         b"localization_scorer",
         b"semantic_scorer",
     }
+    # ...and on each score topic a record carrying the error, so the pair builder need not wait for it
+    for key, message_type in (
+        ("loc", scoring_pb2.LocalizationScoreRecord),
+        ("sem", scoring_pb2.SemanticScoreRecord),
+    ):
+        failed = [
+            parse(message_type, r.value) for r in read_all(kafka, outputs[key], 2) if r.key == b"region-2"
+        ]
+        assert len(failed) == 1 and not failed[0].scores and failed[0].error.code == "IMAGE_NOT_FOUND"

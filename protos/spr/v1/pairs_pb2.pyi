@@ -30,6 +30,8 @@ class _SkipReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SkipReason
     SKIP_REASON_SAME_TEXT: _SkipReason.ValueType  # 2
     SKIP_REASON_TOO_FEW_CANDIDATES: _SkipReason.ValueType  # 3
     SKIP_REASON_SCORES_TIMED_OUT: _SkipReason.ValueType  # 4
+    SKIP_REASON_SCORING_FAILED: _SkipReason.ValueType  # 5
+    """a scorer could not score the description (its error in detail)"""
 
 class SkipReason(_SkipReason, metaclass=_SkipReasonEnumTypeWrapper): ...
 
@@ -38,6 +40,8 @@ SKIP_REASON_MARGIN_BELOW_DELTA: SkipReason.ValueType  # 1
 SKIP_REASON_SAME_TEXT: SkipReason.ValueType  # 2
 SKIP_REASON_TOO_FEW_CANDIDATES: SkipReason.ValueType  # 3
 SKIP_REASON_SCORES_TIMED_OUT: SkipReason.ValueType  # 4
+SKIP_REASON_SCORING_FAILED: SkipReason.ValueType  # 5
+"""a scorer could not score the description (its error in detail)"""
 Global___SkipReason: _TypeAlias = SkipReason  # noqa: Y015
 
 @_typing.final

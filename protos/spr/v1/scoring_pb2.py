@@ -26,7 +26,7 @@ from spr.v1 import common_pb2 as spr_dot_v1_dot_common__pb2
 from spr.v1 import describer_pb2 as spr_dot_v1_dot_describer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14spr/v1/scoring.proto\x12\x06spr.v1\x1a\x13spr/v1/common.proto\x1a\x16spr/v1/describer.proto\"K\n\x0bGroundedBox\x12\x0e\n\x06phrase\x18\x01 \x01(\t\x12\x18\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x0b.spr.v1.Box\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"\xa9\x01\n\x11LocalizationScore\x12\x14\n\x0c\x63\x61ndidate_id\x18\x01 \x01(\t\x12\r\n\x05s_loc\x18\x02 \x01(\x01\x12\x17\n\x0f\x62\x65st_iou_per_gt\x18\x03 \x03(\x01\x12%\n\x08grounded\x18\x04 \x03(\x0b\x32\x13.spr.v1.GroundedBox\x12\x17\n\x0fmodel_box_count\x18\x05 \x01(\x05\x12\x16\n\x0eprecision_term\x18\x06 \x01(\x01\"u\n\rSemanticScore\x12\x14\n\x0c\x63\x61ndidate_id\x18\x01 \x01(\t\x12\r\n\x05s_sem\x18\x02 \x01(\x01\x12\x12\n\ncrop_score\x18\x03 \x01(\x01\x12\x13\n\x0blocal_score\x18\x04 \x01(\x01\x12\x16\n\x0esentence_count\x18\x05 \x01(\x05\"y\n\x17LocalizationScoreRecord\x12\x11\n\tregion_id\x18\x01 \x01(\t\x12)\n\x06scores\x18\x02 \x03(\x0b\x32\x19.spr.v1.LocalizationScore\x12 \n\x07lineage\x18\x03 \x01(\x0b\x32\x0f.spr.v1.Lineage\"q\n\x13SemanticScoreRecord\x12\x11\n\tregion_id\x18\x01 \x01(\t\x12%\n\x06scores\x18\x02 \x03(\x0b\x32\x15.spr.v1.SemanticScore\x12 \n\x07lineage\x18\x03 \x01(\x0b\x32\x0f.spr.v1.Lineage\"j\n\x0cScoreRequest\x12\x1e\n\x06region\x18\x01 \x01(\x0b\x32\x0e.spr.v1.Region\x12%\n\ncandidates\x18\x02 \x03(\x0b\x32\x11.spr.v1.Candidate\x12\x13\n\x0bimage_bytes\x18\x03 \x01(\x0c\"Y\n\x19LocalizationScoreResponse\x12)\n\x06scores\x18\x01 \x03(\x0b\x32\x19.spr.v1.LocalizationScore\x12\x11\n\tscorer_id\x18\x02 \x01(\t\"Q\n\x15SemanticScoreResponse\x12%\n\x06scores\x18\x01 \x03(\x0b\x32\x15.spr.v1.SemanticScore\x12\x11\n\tscorer_id\x18\x02 \x01(\t2V\n\x12LocalizationScorer\x12@\n\x05Score\x12\x14.spr.v1.ScoreRequest\x1a!.spr.v1.LocalizationScoreResponse2N\n\x0eSemanticScorer\x12<\n\x05Score\x12\x14.spr.v1.ScoreRequest\x1a\x1d.spr.v1.SemanticScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14spr/v1/scoring.proto\x12\x06spr.v1\x1a\x13spr/v1/common.proto\x1a\x16spr/v1/describer.proto\"K\n\x0bGroundedBox\x12\x0e\n\x06phrase\x18\x01 \x01(\t\x12\x18\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x0b.spr.v1.Box\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"\xa9\x01\n\x11LocalizationScore\x12\x14\n\x0c\x63\x61ndidate_id\x18\x01 \x01(\t\x12\r\n\x05s_loc\x18\x02 \x01(\x01\x12\x17\n\x0f\x62\x65st_iou_per_gt\x18\x03 \x03(\x01\x12%\n\x08grounded\x18\x04 \x03(\x0b\x32\x13.spr.v1.GroundedBox\x12\x17\n\x0fmodel_box_count\x18\x05 \x01(\x05\x12\x16\n\x0eprecision_term\x18\x06 \x01(\x01\"u\n\rSemanticScore\x12\x14\n\x0c\x63\x61ndidate_id\x18\x01 \x01(\t\x12\r\n\x05s_sem\x18\x02 \x01(\x01\x12\x12\n\ncrop_score\x18\x03 \x01(\x01\x12\x13\n\x0blocal_score\x18\x04 \x01(\x01\x12\x16\n\x0esentence_count\x18\x05 \x01(\x05\"\x9b\x01\n\x17LocalizationScoreRecord\x12\x11\n\tregion_id\x18\x01 \x01(\t\x12)\n\x06scores\x18\x02 \x03(\x0b\x32\x19.spr.v1.LocalizationScore\x12 \n\x07lineage\x18\x03 \x01(\x0b\x32\x0f.spr.v1.Lineage\x12 \n\x05\x65rror\x18\x04 \x01(\x0b\x32\x11.spr.v1.ErrorInfo\"\x93\x01\n\x13SemanticScoreRecord\x12\x11\n\tregion_id\x18\x01 \x01(\t\x12%\n\x06scores\x18\x02 \x03(\x0b\x32\x15.spr.v1.SemanticScore\x12 \n\x07lineage\x18\x03 \x01(\x0b\x32\x0f.spr.v1.Lineage\x12 \n\x05\x65rror\x18\x04 \x01(\x0b\x32\x11.spr.v1.ErrorInfo\"j\n\x0cScoreRequest\x12\x1e\n\x06region\x18\x01 \x01(\x0b\x32\x0e.spr.v1.Region\x12%\n\ncandidates\x18\x02 \x03(\x0b\x32\x11.spr.v1.Candidate\x12\x13\n\x0bimage_bytes\x18\x03 \x01(\x0c\"Y\n\x19LocalizationScoreResponse\x12)\n\x06scores\x18\x01 \x03(\x0b\x32\x19.spr.v1.LocalizationScore\x12\x11\n\tscorer_id\x18\x02 \x01(\t\"Q\n\x15SemanticScoreResponse\x12%\n\x06scores\x18\x01 \x03(\x0b\x32\x15.spr.v1.SemanticScore\x12\x11\n\tscorer_id\x18\x02 \x01(\t2V\n\x12LocalizationScorer\x12@\n\x05Score\x12\x14.spr.v1.ScoreRequest\x1a!.spr.v1.LocalizationScoreResponse2N\n\x0eSemanticScorer\x12<\n\x05Score\x12\x14.spr.v1.ScoreRequest\x1a\x1d.spr.v1.SemanticScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,18 +39,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOCALIZATIONSCORE']._serialized_end=324
   _globals['_SEMANTICSCORE']._serialized_start=326
   _globals['_SEMANTICSCORE']._serialized_end=443
-  _globals['_LOCALIZATIONSCORERECORD']._serialized_start=445
-  _globals['_LOCALIZATIONSCORERECORD']._serialized_end=566
-  _globals['_SEMANTICSCORERECORD']._serialized_start=568
-  _globals['_SEMANTICSCORERECORD']._serialized_end=681
-  _globals['_SCOREREQUEST']._serialized_start=683
-  _globals['_SCOREREQUEST']._serialized_end=789
-  _globals['_LOCALIZATIONSCORERESPONSE']._serialized_start=791
-  _globals['_LOCALIZATIONSCORERESPONSE']._serialized_end=880
-  _globals['_SEMANTICSCORERESPONSE']._serialized_start=882
-  _globals['_SEMANTICSCORERESPONSE']._serialized_end=963
-  _globals['_LOCALIZATIONSCORER']._serialized_start=965
-  _globals['_LOCALIZATIONSCORER']._serialized_end=1051
-  _globals['_SEMANTICSCORER']._serialized_start=1053
-  _globals['_SEMANTICSCORER']._serialized_end=1131
+  _globals['_LOCALIZATIONSCORERECORD']._serialized_start=446
+  _globals['_LOCALIZATIONSCORERECORD']._serialized_end=601
+  _globals['_SEMANTICSCORERECORD']._serialized_start=604
+  _globals['_SEMANTICSCORERECORD']._serialized_end=751
+  _globals['_SCOREREQUEST']._serialized_start=753
+  _globals['_SCOREREQUEST']._serialized_end=859
+  _globals['_LOCALIZATIONSCORERESPONSE']._serialized_start=861
+  _globals['_LOCALIZATIONSCORERESPONSE']._serialized_end=950
+  _globals['_SEMANTICSCORERESPONSE']._serialized_start=952
+  _globals['_SEMANTICSCORERESPONSE']._serialized_end=1033
+  _globals['_LOCALIZATIONSCORER']._serialized_start=1035
+  _globals['_LOCALIZATIONSCORER']._serialized_end=1121
+  _globals['_SEMANTICSCORER']._serialized_start=1123
+  _globals['_SEMANTICSCORER']._serialized_end=1201
 # @@protoc_insertion_point(module_scope)

@@ -130,21 +130,30 @@ class LocalizationScoreRecord(_message.Message):
     REGION_ID_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
     LINEAGE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     region_id: _builtins.str
     @_builtins.property
     def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocalizationScore]: ...
     @_builtins.property
     def lineage(self) -> _common_pb2.Lineage: ...
+    @_builtins.property
+    def error(self) -> _common_pb2.ErrorInfo:
+        """Set when the scorer could not score the description (it went to the dead-letter topic too): the
+        record then names no candidates, and the pair builder decides the region at once (SCORING_FAILED)
+        instead of waiting for scores that never come.
+        """
+
     def __init__(
         self,
         *,
         region_id: _builtins.str = ...,
         scores: _abc.Iterable[Global___LocalizationScore] | None = ...,
         lineage: _common_pb2.Lineage | None = ...,
+        error: _common_pb2.ErrorInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lineage", b"lineage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lineage", b"lineage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lineage", b"lineage", "region_id", b"region_id", "scores", b"scores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lineage", b"lineage", "region_id", b"region_id", "scores", b"scores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,21 +168,30 @@ class SemanticScoreRecord(_message.Message):
     REGION_ID_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
     LINEAGE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     region_id: _builtins.str
     @_builtins.property
     def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___SemanticScore]: ...
     @_builtins.property
     def lineage(self) -> _common_pb2.Lineage: ...
+    @_builtins.property
+    def error(self) -> _common_pb2.ErrorInfo:
+        """Set when the scorer could not score the description (it went to the dead-letter topic too): the
+        record then names no candidates, and the pair builder decides the region at once (SCORING_FAILED)
+        instead of waiting for scores that never come.
+        """
+
     def __init__(
         self,
         *,
         region_id: _builtins.str = ...,
         scores: _abc.Iterable[Global___SemanticScore] | None = ...,
         lineage: _common_pb2.Lineage | None = ...,
+        error: _common_pb2.ErrorInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lineage", b"lineage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lineage", b"lineage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lineage", b"lineage", "region_id", b"region_id", "scores", b"scores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "lineage", b"lineage", "region_id", b"region_id", "scores", b"scores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

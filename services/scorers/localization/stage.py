@@ -27,7 +27,7 @@ def make_stage(
     """The stage around an existing scorer (its settings name the topics)."""
     settings = scorer.settings.stage
     output = Topic(settings.scores_topic or SCORES_LOCALIZATION, scoring_pb2.LocalizationScoreRecord)
-    return score_stage(STAGE_NAME, scorer.score_record, output, settings, kafka)
+    return score_stage(STAGE_NAME, scorer.score_record, scorer.failure_record, output, settings, kafka)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -88,12 +88,24 @@ class SemanticScorer:
     ) -> scoring_pb2.SemanticScoreRecord:
         """The Kafka record: same scores, lineage copied and stamped with this scorer's id."""
         scores = self._timed(record.region, record.candidates, b"", deadline, "kafka")
+        return scoring_pb2.SemanticScoreRecord(
+            region_id=record.region.region_id, scores=scores, lineage=self.lineage(record)
+        )
+
+    def failure_record(
+        self, record: describer_pb2.DescriptionRecord, error: common_pb2.ErrorInfo
+    ) -> scoring_pb2.SemanticScoreRecord:
+        """The Kafka record of a description this scorer could not score: no scores, the error."""
+        return scoring_pb2.SemanticScoreRecord(
+            region_id=record.region.region_id, lineage=self.lineage(record), error=error
+        )
+
+    def lineage(self, record: describer_pb2.DescriptionRecord) -> common_pb2.Lineage:
+        """The description's lineage stamped with this scorer's id."""
         lineage = common_pb2.Lineage()
         lineage.CopyFrom(record.lineage)
         lineage.semantic_scorer_id = self.scorer_id
-        return scoring_pb2.SemanticScoreRecord(
-            region_id=record.region.region_id, scores=scores, lineage=lineage
-        )
+        return lineage
 
     def _timed(
         self,
