@@ -2,7 +2,7 @@
 
 One row per `spr.v1.PreferencePair`, in TRL's conversational vision format:
 
-* ``prompt``: one user turn ``[instruction, image]`` — exactly the turn `services.policy.runner.chat_prompt`
+* ``prompt``: one user turn ``[image, instruction]`` — exactly the turn `services.policy.runner.chat_prompt`
   renders for serving, so training and serving see the same prompt;
 * ``chosen`` / ``rejected``: one assistant turn each;
 * ``images``: the one frame the policy saw, rebuilt from the pair the way the describer built it
@@ -66,10 +66,8 @@ def policy_frame(
 
 
 def _turn(role: str, text: str, with_image: bool = False) -> dict[str, Any]:
-    """The text, then the image when there is one: the query-first order of serving's `chat_prompt`."""
-    blocks: list[dict[str, Any]] = [{"type": "text", "text": text}]
-    if with_image:
-        blocks.append({"type": "image", "text": None})
+    blocks: list[dict[str, Any]] = [{"type": "image", "text": None}] if with_image else []
+    blocks.append({"type": "text", "text": text})
     return {"role": role, "content": blocks}
 
 

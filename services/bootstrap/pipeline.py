@@ -179,7 +179,9 @@ def _install(staging: Path, target: Path, force: bool) -> None:
 
 
 def _build(recipe: PolicyRecipe, out: Path, say: Callable[[str], None], device: str) -> dict[str, Any]:
-    cfg = SceneConfig(max_objects=recipe.world_max_objects)
+    cfg = SceneConfig(
+        max_objects=recipe.world_max_objects, single_object_share=recipe.world_single_object_share
+    )
     world = build_world(out / "world", recipe.world_images, recipe.world_seed, cfg, recipe.test_fraction)
     say(f"world: {recipe.world_images} images in {out / 'world'}")
     with torch.random.fork_rng(devices=[]):

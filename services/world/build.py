@@ -84,7 +84,11 @@ def build_world(
     """The world's COCO annotations and images, plus its REC train/test splits."""
     if not 0.0 <= test_fraction <= 1.0:
         raise ValueError(f"test_fraction must lie in [0, 1], got {test_fraction}")
-    annotations = generate_world(out, num_images, seed=seed, cfg=cfg)
+    # The same cut as `split_image_ids`: the last images are held out (and drawn without the
+    # single-object curriculum, see `generate_world`).
+    annotations = generate_world(
+        out, num_images, seed=seed, cfg=cfg, held_out_from=num_images - round(num_images * test_fraction)
+    )
     coco = json.loads(annotations.read_text())
     rec = {}
     for split, ids in split_image_ids(coco, test_fraction).items():
@@ -101,10 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.25, help="share of images held out")
     parser.add_argument("--max-objects", type=int, default=SceneConfig.max_objects)
-    args = parser.parse_args(argv)
-    files = build_world(
-        args.out, args.images, args.seed, SceneConfig(max_objects=args.max_objects), args.test_fraction
+    parser.add_argument(
+        "--single-object-share",
+        type=float,
+        default=SceneConfig.single_object_share,
+        help="share of one-object training scenes",
     )
+    args = parser.parse_args(argv)
+    cfg = SceneConfig(max_objects=args.max_objects, single_object_share=args.single_object_share)
+    files = build_world(args.out, args.images, args.seed, cfg, args.test_fraction)
     print(f"annotations\t{files.annotations}")
     for split, path in files.rec.items():
         count = len(json.loads(path.read_text())["expressions"])

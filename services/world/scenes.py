@@ -12,7 +12,7 @@ and every object records how much of it stays visible, which the referring-expre
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,14 @@ class SceneConfig:
     colors: tuple[str, ...] = field(default=tuple(COLORS), metadata={"help": "colours objects draw from"})
     shapes: tuple[str, ...] = field(default=SHAPES, metadata={"help": "shapes objects draw from"})
     textures: tuple[str, ...] = field(default=TEXTURES, metadata={"help": "fills objects draw from"})
+    single_object_share: float = field(
+        default=0.0,
+        metadata={
+            "help": "share of scenes holding exactly one object (else min..max objects): the easiest "
+            "grounding case, where the box depends on the image alone, which a model learning from "
+            "scratch needs to learn where things are before telling look-alikes apart (SPEC §6)"
+        },
+    )
     repeat_probability: float = field(
         default=0.35,
         metadata={
@@ -71,6 +79,8 @@ class SceneConfig:
             raise ValueError(f"unknown colours/shapes/textures {sorted(unknown)}")
         if not (0 < self.min_objects <= self.max_objects and 0 < self.min_size <= self.max_size):
             raise ValueError("need 0 < min_objects <= max_objects and 0 < min_size <= max_size")
+        if not 0.0 <= self.single_object_share <= 1.0:
+            raise ValueError(f"single_object_share must lie in [0, 1], got {self.single_object_share}")
         if self.max_size > min(self.width, self.height):
             raise ValueError(f"max_size {self.max_size} does not fit a {self.width}x{self.height} image")
 
@@ -185,7 +195,11 @@ def _outline(mask: Image.Image) -> Image.Image:
 
 def _place_boxes(rng: np.random.Generator, cfg: SceneConfig) -> list[XYXY]:
     """Rejection-sample object boxes whose pairwise IoU stays under the occlusion limit."""
-    count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    # The extra draw only when the share is set, so worlds without it stay byte for byte as before.
+    if cfg.single_object_share > 0 and rng.random() < cfg.single_object_share:
+        count = 1
+    else:
+        count = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     boxes: list[XYXY] = []
     for _ in range(count * 20):
         if len(boxes) == count:
@@ -251,20 +265,31 @@ def _visible(owner: npt.NDArray[np.int32], index: int, area: int) -> float:
     return float((owner == index).sum()) / area if area else 0.0
 
 
-def generate_world(out_dir: Path, num_images: int, seed: int = 0, cfg: SceneConfig | None = None) -> Path:
+def generate_world(
+    out_dir: Path,
+    num_images: int,
+    seed: int = 0,
+    cfg: SceneConfig | None = None,
+    held_out_from: int | None = None,
+) -> Path:
     """Write `num_images` scenes as PNGs plus a COCO `annotations.json`; return the JSON path.
 
     Boxes are COCO xywh in pixels. Later-drawn shapes may partly occlude earlier ones, as in
     real photos; every annotation keeps its full (amodal) box and records its visible fraction.
+    Scenes from index `held_out_from` on (a held-out split) are drawn without `single_object_share`:
+    the extra one-object scenes are a training curriculum, so held-out accuracy still measures the
+    world's task rather than one made easier by them.
     """
     cfg = cfg or SceneConfig()
+    held_out_cfg = replace(cfg, single_object_share=0.0)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     categories = category_ids()
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for index in range(num_images):
-        image, objects = render_scene_objects(seed, index, cfg)
+        held_out = held_out_from is not None and index >= held_out_from
+        image, objects = render_scene_objects(seed, index, held_out_cfg if held_out else cfg)
         file_name = f"images/{seed:04d}-{index:06d}.png"
         image.save(out_dir / file_name, format="PNG", optimize=False)
         images.append({"id": index + 1, "file_name": file_name, "width": cfg.width, "height": cfg.height})

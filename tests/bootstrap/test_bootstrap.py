@@ -114,6 +114,18 @@ def test_position_embeddings_start_at_the_content_scale() -> None:
     assert float(weight[0].detach().abs().sum()) == 0.0
 
 
+def test_number_embeddings_start_smooth_in_their_value() -> None:
+    recipe = replace(PolicyRecipe(), number_init=True)
+    processor = build_processor(recipe)
+    model = build_model(recipe, processor)
+    ids = processor.tokenizer.convert_tokens_to_ids(["500", "501", "510", "900"])
+    for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+        rows = weight[ids].detach()
+        near, mid, far = (float(torch.cosine_similarity(rows[0], rows[i], dim=0)) for i in (1, 2, 3))
+        assert near > 0.9 and near > mid > far  # nearby numbers start alike, distant ones apart
+        assert float(rows.std()) == pytest.approx(0.02, rel=0.3)  # on the scale of the other tokens
+
+
 def test_clip_for_the_semantic_scorer_trains_caches_and_loads(smoke: Bootstrapped, tmp_path: Path) -> None:
     world = WorldFiles(smoke.world / "annotations.json", {s: smoke.world / f"rec_{s}.json" for s in SPLITS})
     recipe = ClipRecipe(steps=3, batch_size=8)

@@ -64,8 +64,8 @@ def test_parquet_export_reads_in_llama_factory_as_a_preference_dataset(tmp_path:
     assert len(assert_llama_factory_reads(tmp_path / "out", "round-2")) == 1  # both entries registered
     assert len(rows) == 3
     for row, pair, trl_row in zip(rows, pairs, dataset, strict=True):
-        # The query comes first, then the image, as in TRL's prompt turn (and serving's chat_prompt).
-        assert row["_prompt"] == [{"role": "user", "content": pair.prompt + "<image>"}]
+        # The image comes first, as in TRL's prompt turn (and serving's chat_prompt).
+        assert row["_prompt"] == [{"role": "user", "content": "<image>" + pair.prompt}]
         assert row["_response"] == [
             {"role": "assistant", "content": pair.chosen.text},
             {"role": "assistant", "content": pair.rejected.text},

@@ -212,3 +212,23 @@ def test_split_is_by_image_and_needs_disambiguation(world: Path) -> None:
 def test_held_out_images_are_the_last_ones(world: Path) -> None:
     test = json.loads((world / "rec_test.json").read_text())
     assert [image["id"] for image in test["images"]] == list(range(61, 81))
+
+
+def test_single_object_share_makes_one_object_scenes() -> None:
+    cfg = SceneConfig(max_objects=5, single_object_share=0.5)
+    counts = [len(render_scene(seed=2, index=i, cfg=cfg)[1]) for i in range(60)]
+    singles = sum(c == 1 for c in counts) / len(counts)
+    assert 0.4 <= singles <= 0.8  # half by the share, plus the 1-object draws of the rest
+    assert max(counts) > 1
+    with pytest.raises(ValueError, match="single_object_share"):
+        SceneConfig(single_object_share=1.5)
+
+
+def test_single_object_scenes_are_a_training_curriculum_only(tmp_path: Path) -> None:
+    build_world(tmp_path, 40, seed=1, cfg=SceneConfig(single_object_share=1.0), test_fraction=0.25)
+    coco = json.loads((tmp_path / "annotations.json").read_text())
+    counts = {image["id"]: 0 for image in coco["images"]}
+    for ann in coco["annotations"]:
+        counts[ann["image_id"]] += 1
+    assert all(counts[i] == 1 for i in range(1, 31))  # training images: all single by the share
+    assert any(counts[i] > 1 for i in range(31, 41))  # held-out images: drawn as without it
