@@ -42,7 +42,7 @@ from services.core.pairs import (
     pair_id,
     select_pair,
 )
-from services.core.refine import RefineResult, greedy_match, refine, refine_candidates
+from services.core.refine import RefineResult, greedy_match, refinable, refine, refine_candidates
 from services.core.sampler import SAMPLER_VERSION, SampledRegion, inside_fraction, region_id, sample_region
 from services.core.scoring import (
     LocalizationResult,
@@ -93,6 +93,7 @@ __all__ = [
     "parse",
     "quantize",
     "read_coco",
+    "refinable",
     "refine",
     "refine_candidates",
     "region_id",

@@ -82,9 +82,7 @@ def refine_candidates(
     iou_threshold: float = REFINE_IOU_THRESHOLD,
 ) -> list[RefineResult]:
     """:func:`refine` for every ``(text, mentions)`` candidate of one region (see :func:`match_to_gt`)."""
-    boxed = [
-        [i for i, m in enumerate(ms) if m.box is not None and m.span is not None] for _, ms in candidates
-    ]
+    boxed = [refinable(ms) for _, ms in candidates]
     in_image = [
         mention_boxes_in_image([ms[i] for i in rows], crop, frame_w, frame_h)
         for (_, ms), rows in zip(candidates, boxed, strict=True)
@@ -95,6 +93,11 @@ def refine_candidates(
         new_boxes = {rows[row]: replacement.native for row, replacement in matched.items()}
         results.append(RefineResult(*rewrite_mentions(text, mentions, new_boxes, fmt), len(new_boxes)))
     return results
+
+
+def refinable(mentions: Sequence[Mention]) -> list[int]:
+    """Indices of the mentions refinement can rewrite: those with a box and its markup in the text."""
+    return [i for i, m in enumerate(mentions) if m.box is not None and m.span is not None]
 
 
 @dataclass(frozen=True, slots=True)

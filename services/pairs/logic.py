@@ -37,7 +37,7 @@ from services.core import (
 )
 from services.core.boxes import image_to_frame
 from services.core.formats import Mention, mention_boxes_in_image, rewrite_mentions
-from services.core.refine import match_to_gt
+from services.core.refine import match_to_gt, refinable
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 
 
@@ -125,14 +125,11 @@ def scoring_failed(
     record: describer_pb2.DescriptionRecord, error: common_pb2.ErrorInfo, rules: PairRules
 ) -> pairs_pb2.PairDecision:
     """The decision of a region a scorer could not score: a SCORING_FAILED skip naming the error."""
-    lineage = common_pb2.Lineage()
-    lineage.CopyFrom(record.lineage)
-    lineage.run_id = rules.run_id
     return pairs_pb2.PairDecision(
         region_id=record.region.region_id,
         skip=pairs_pb2.SKIP_REASON_SCORING_FAILED,
         detail=f"{error.stage}: {error.code} {error.message}",
-        lineage=lineage,
+        lineage=_skip_lineage(record, rules),
     )
 
 
@@ -144,16 +141,21 @@ def timed_out(
     rules: PairRules,
 ) -> pairs_pb2.PairDecision:
     """The decision of a region whose records did not all arrive in time: a SCORES_TIMED_OUT skip."""
-    lineage = common_pb2.Lineage()
-    if record is not None:
-        lineage.CopyFrom(record.lineage)
-    lineage.run_id = rules.run_id
     return pairs_pb2.PairDecision(
         region_id=region_id,
         skip=pairs_pb2.SKIP_REASON_SCORES_TIMED_OUT,
         detail=f"no {', '.join(missing)} record after {waited_s:.1f}s",
-        lineage=lineage,
+        lineage=_skip_lineage(record, rules),
     )
+
+
+def _skip_lineage(record: describer_pb2.DescriptionRecord | None, rules: PairRules) -> common_pb2.Lineage:
+    """A skip decided by the join (no scores to stamp): the description's lineage under this run."""
+    lineage = common_pb2.Lineage()
+    if record is not None:
+        lineage.CopyFrom(record.lineage)
+    lineage.run_id = rules.run_id
+    return lineage
 
 
 def _initial(
@@ -209,7 +211,7 @@ def _best_refined(
     best = max(range(len(rewards)), key=rewards.__getitem__)  # the first of equals, as select_pair
     candidate = candidates[best]
     mentions = _frame_mentions(candidate, crop, frame_w, frame_h)
-    rows = _boxed(mentions)
+    rows = refinable(mentions)
     text, _ = rewrite_mentions(
         candidate.text, mentions, {rows[row]: r.native for row, r in matches[best].items()}, fmt
     )
@@ -225,11 +227,6 @@ def _best_refined(
     ]
 
 
-def _boxed(mentions: Sequence[Mention]) -> list[int]:
-    """Indices of the mentions refinement can rewrite: those with a box and its markup."""
-    return [i for i, m in enumerate(mentions) if m.box is not None and m.span is not None]
-
-
 def _boxes_in_image(
     candidate: describer_pb2.Candidate, crop: Box, frame_w: int, frame_h: int
 ) -> npt.NDArray[np.float64]:
@@ -241,7 +238,7 @@ def _boxes_in_image(
     if candidate.mentions:
         return as_box_array([_box(m.box) for m in candidate.mentions if m.has_box])
     mentions = _frame_mentions(candidate, crop, frame_w, frame_h)
-    return mention_boxes_in_image([mentions[i] for i in _boxed(mentions)], crop, frame_w, frame_h)
+    return mention_boxes_in_image([mentions[i] for i in refinable(mentions)], crop, frame_w, frame_h)
 
 
 def _frame_mentions(
