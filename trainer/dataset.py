@@ -33,6 +33,7 @@ from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 
 from services.common.images import DEFAULT_LIMITS, ImageLimits, box_to_pixels, decode_image, read_image_bytes
+from services.core.formats import strip_media_placeholders
 from services.describer.families import ModelFamily, PromptKind
 from services.describer.logic import Describer
 from spr.v1 import pairs_pb2
@@ -72,12 +73,17 @@ def _turn(role: str, text: str, with_image: bool = False) -> dict[str, Any]:
 
 
 def to_example(pair: pairs_pb2.PreferencePair, frame: PILImage.Image) -> dict[str, Any]:
-    """One TRL row for one pair."""
+    """One TRL row for one pair.
+
+    Media placeholders are dropped from the answers: one written by a garbage-producing policy would
+    count as an image in TRL's processor call and fail the round, and with it every later one, since
+    the offsets of a failed round never advance (serving strips them too, older pairs may have them).
+    """
     return {
         "pair_id": pair.pair_id,
         "prompt": [_turn("user", pair.prompt, with_image=True)],
-        "chosen": [_turn("assistant", pair.chosen.text)],
-        "rejected": [_turn("assistant", pair.rejected.text)],
+        "chosen": [_turn("assistant", strip_media_placeholders(pair.chosen.text))],
+        "rejected": [_turn("assistant", strip_media_placeholders(pair.rejected.text))],
         "images": [frame],
     }
 

@@ -80,6 +80,26 @@ class ParseResult:
 
 # --- native coordinates ---------------------------------------------------------------------------
 
+#: Placeholders that processors expand into image or video features (LLaVA, Qwen-VL). Never part of a
+#: valid answer: a text that carries one, written by a model producing garbage, would be counted as an
+#: image by the processor and break any training example it became.
+MEDIA_PLACEHOLDERS = (
+    "<image>",
+    "<video>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+)
+
+
+def strip_media_placeholders(text: str) -> str:
+    """``text`` without any of :data:`MEDIA_PLACEHOLDERS`."""
+    for placeholder in MEDIA_PLACEHOLDERS:
+        text = text.replace(placeholder, "")
+    return text
+
+
 _FLOAT_DECIMALS = 3  # Shikra writes three decimals; one "bin" of BRACKET_FLOAT is 0.001 of the frame
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from services.adapters.store import AdapterStore
+from services.core.formats import strip_media_placeholders
 from services.modelzoo.loading import load_policy
 from services.policy.adapters import BASE, AdapterRegistry
 from services.policy.sampling import Sampling
@@ -180,8 +181,9 @@ def _generated_length(tokens: list[int], eos_ids: set[int], pad_id: int | None) 
 
 
 def _strip_special(text: str, processor: Any) -> str:
-    """Drop chat-control tokens but keep the grounding tokens (<|box_start|> ...) the parsers need."""
+    """Drop chat-control tokens and media placeholders but keep the grounding tokens (<|box_start|> ...)
+    the parsers need."""
     for token in ("<|im_end|>", "<|endoftext|>", processor.tokenizer.pad_token or ""):
         if token:
             text = text.replace(token, "")
-    return text.strip()
+    return strip_media_placeholders(text).strip()

@@ -17,6 +17,7 @@ from services.core import (
     rewrite_mentions,
     to_native,
 )
+from services.core.formats import strip_media_placeholders
 
 from .strategies import FAST, THOROUGH, boxes_in, frame_sizes, one_bin, phrases
 
@@ -298,3 +299,8 @@ def test_parsers_never_raise_and_only_return_usable_boxes(
 )
 def test_parsers_survive_pathological_text(text: str, fmt: CoordinateFormat) -> None:
     parse(text, fmt, 640, 480)
+
+
+def test_media_placeholders_are_stripped_and_grounding_tokens_kept() -> None:
+    grounded = "<|object_ref_start|>a cat<|object_ref_end|><|box_start|>(1,2),(3,4)<|box_end|>"
+    assert strip_media_placeholders(grounded + "<image><|image_pad|>") == grounded

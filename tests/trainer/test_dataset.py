@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from services.core.formats import MEDIA_PLACEHOLDERS
 from services.describer.families import get_family
 from services.modelzoo.loading import load_policy_processor
 from services.policy.runner import chat_prompt
@@ -114,3 +115,23 @@ def test_sft_chosen_objective_trains_the_chosen_nll_without_the_preference_term(
     assert losses["dpo"] - losses["sft-chosen"] == pytest.approx(math.log(2), abs=1e-3)
     with pytest.raises(ValueError, match="objective"):
         small_config(tiny_policy, tmp_path, objective="ppo")
+
+
+def test_answers_with_media_placeholders_train_instead_of_failing_the_round(
+    tmp_path: Path, tiny_policy: Path
+) -> None:
+    """A garbage answer that spells the processor's image placeholder (seen from a barely trained LLaVA
+    policy in the main job) used to fail TRL's collator ("Found 2 <image> tokens ... but no images"),
+    and a failed round never advances its offsets: the placeholders are dropped from the answers."""
+    pairs = make_pairs(tmp_path / "img", 4)
+    for pair in pairs:
+        pair.chosen.text += " <image><|image_pad|> <|vision_start|>x<|vision_end|>"
+        pair.rejected.text = "<image> <video><|video_pad|>"
+    dataset = build_dataset(pairs, FAMILY)
+    for row in dataset:
+        for turn in (*row["chosen"], *row["rejected"]):
+            text = turn["content"][-1]["text"]
+            assert not any(p in text for p in MEDIA_PLACEHOLDERS), text
+    cfg = small_config(tiny_policy, tmp_path)
+    result = train_round(cfg, dataset, dataset.select([]), None, tmp_path / "r")
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
