@@ -25,7 +25,13 @@ from services.common.kafka_io import KafkaSettings, ensure_topics
 from services.core import pair_id
 from services.devstack.broker import BrokerProcess
 from services.devstack.triton import TritonServer
-from services.loop.main_job import POLICY_REPOSITORY, all_topics, environment, policy_serving_env
+from services.loop.main_job import (
+    POLICY_REPOSITORY,
+    all_topics,
+    environment,
+    policy_serving_env,
+    thread_env,
+)
 from services.loop.stack import DecisionLedger, Pipeline, ServiceSet, wait_for_decisions
 from services.modelzoo.tiny import ensure_model
 from services.world import generate_world
@@ -70,11 +76,13 @@ def stack(tmp_path: Path) -> Iterator[Callable[[BrokerProcess], tuple[KafkaSetti
     def start(broker: BrokerProcess) -> tuple[KafkaSettings, ServiceSet, Pipeline]:
         kafka = broker.settings()
         ensure_topics(kafka, all_topics())
-        with environment(policy_serving_env(policy, tmp_path / "adapters", kafka)):
+        # one math thread per process, as the main job runs them (MainJobConfig.service_threads)
+        env = policy_serving_env(policy, tmp_path / "adapters", kafka) | thread_env(1) | broker.client_env()
+        with environment(env):
             triton = TritonServer(
                 POLICY_REPOSITORY, workdir=tmp_path / "triton", models=["spr_policy"]
             ).start()
-        services = ServiceSet(tmp_path / "logs")
+            services = ServiceSet(tmp_path / "logs")
         started.append((triton, services))
         pipeline = _pipeline(policy)
         for spec in pipeline.stage_specs(kafka, triton.grpc_url):
