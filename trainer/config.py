@@ -17,6 +17,8 @@ from services.common.kafka_io import KafkaSettings
 #: Metric names in the manifest; the admin's eval gate (services.admin.settings) reads the same names.
 PREFERENCE_ACCURACY = "eval_preference_accuracy"
 REWARD_MARGIN = "eval_reward_margin"
+#: Mean REC accuracy (points, 0-100) over IoU thresholds 0.5..0.9 on the REC gate's set (`trainer.rec_gate`).
+REC_ACCURACY = "rec_accuracy"
 
 #: LoRA on the language model only: vLLM serves LoRA on the LM, and the SPEC says "on the language model".
 LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -87,6 +89,20 @@ class TrainerConfig:
     gate_tolerance_margin: float = field(
         default=0.05, metadata=_help("stable moves only if held-out reward margin drops <= this.")
     )
+    gate_rec_data: str = field(
+        default="",
+        metadata=_help(
+            "REC set of the optional REC gate (spr-rec JSON, refer or Flickr30k folder); '' = REC gate off. "
+            "Candidate and current stable (or the base) are scored on it before publication."
+        ),
+    )
+    gate_rec_limit: int = field(default=500, metadata=_help("REC gate: the first N expressions (0 = all)."))
+    gate_tolerance_rec: float = field(
+        default=1.0,
+        metadata=_help("stable moves only if mean REC Acc@0.5..0.9 (points) drops <= this vs the reference."),
+    )
+    gate_rec_batch_size: int = field(default=16, metadata=_help("REC gate: expressions per generate batch."))
+    gate_rec_max_new_tokens: int = field(default=48, metadata=_help("REC gate: answer length (tokens)."))
     # --- trigger policy --------------------------------------------------------------------------
     trigger_every_pairs: int = field(default=1024, metadata=_help("Train once this many new pairs wait."))
     trigger_every_minutes: float = field(
@@ -117,6 +133,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.gate_tolerance_rec < 0 or self.gate_rec_limit < 0:
+            raise ValueError("gate_tolerance_rec and gate_rec_limit must be >= 0")
 
     def resolved_device(self) -> str:
         """The device training runs on."""
@@ -148,7 +166,8 @@ class TrainerConfig:
         )
 
     def hyperparameters(self) -> dict[str, str]:
-        """What goes into the manifest: everything that shapes the weights."""
+        """What goes into the manifest: everything that shapes the weights, plus the REC gate's set and
+        size when that gate is on (its metrics in the manifest mean nothing without naming the set)."""
         keys = [
             "objective",
             "beta",
@@ -169,4 +188,6 @@ class TrainerConfig:
             "heldout_fraction",
             "continue_from",
         ]
+        if self.gate_rec_data:
+            keys += ["gate_rec_data", "gate_rec_limit"]
         return {key: str(getattr(self, key)) for key in keys}

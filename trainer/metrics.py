@@ -14,6 +14,11 @@ REWARD_MARGIN = Gauge(
 PREFERENCE_ACCURACY = Gauge(
     "spr_trainer_preference_accuracy", "Fraction of pairs whose chosen reward beats the rejected.", ["split"]
 )
+REC_ACCURACY = Gauge(
+    "spr_trainer_rec_accuracy",
+    "Mean REC Acc@0.5..0.9 (points) of the last REC gate, candidate and reference on the same set.",
+    ["side"],
+)
 PAIRS_CONSUMED = Counter("spr_trainer_pairs_consumed_total", "Pairs trained on (committed rounds).")
 PAIRS_ALREADY_TRAINED = Counter(
     "spr_trainer_pairs_already_trained_total", "Pairs dropped: a published version was trained on them."

@@ -5,7 +5,9 @@ Order matters for crash safety (issue 6, "Commit last"):
 1. `AdapterStore.publish` — staging copy, fsync, one rename; the manifest is written last. A crash
    before the rename leaves only a staging folder, which is never listed.
 2. announce the version on `adapters`, move `latest` at once;
-3. move `stable` only if the eval gate (the admin's `services.admin.gate` rule) passes;
+3. move `stable` only if the eval gate (the admin's `services.admin.gate` rule) passes: held-out
+   preference metrics against the stable manifest's, and, when `gate_rec_data` is set, REC accuracy
+   against the stable version (or the base) measured now on the same set (`trainer.rec_gate`);
 4. the caller commits the Kafka offsets — only after all of the above returned.
 
 A crash between 1 and 4 redelivers the pairs. The version holds the ids of its pairs
@@ -26,12 +28,13 @@ from services.adapters.events import announce_version, move_alias
 from services.adapters.state import AdapterHistory
 from services.adapters.store import AdapterStore, sha256_file
 from services.admin.errors import EvalMetricsMissing
-from services.admin.gate import evaluate_gate
+from services.admin.gate import GateResult, evaluate_gate
 from services.admin.history import AdapterTopicReader
 from services.common.kafka_io import ProtoProducer
 from services.describer.logic import code_version
 from spr.v1 import adapters_pb2
-from trainer.config import TrainerConfig
+from trainer.config import REC_ACCURACY, TrainerConfig
+from trainer.rec_gate import RecComparison, compare
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +116,48 @@ def build_manifest(
     )
 
 
-def gate_passes(cfg: TrainerConfig, candidate: adapters_pb2.AdapterManifest, history: AdapterHistory) -> bool:
-    """The admin's eval gate against the current `stable`; missing metrics never pass."""
+def measure_rec(
+    cfg: TrainerConfig, store: AdapterStore, history: AdapterHistory, candidate_dir: Path
+) -> RecComparison | None:
+    """The REC gate's paired measurement of `candidate_dir` against the current `stable` (or the base);
+    None when the REC gate is off. Runs before publication: its metrics belong in the manifest."""
+    if not cfg.gate_rec_data:
+        return None
+    return compare(cfg, store, candidate_dir, history.current(STABLE))
+
+
+def gate_passes(
+    cfg: TrainerConfig,
+    candidate: adapters_pb2.AdapterManifest,
+    history: AdapterHistory,
+    rec: RecComparison | None = None,
+) -> bool:
+    """The admin's eval gate against the current `stable`, and the REC gate when `gate_rec_data` is set;
+    `stable` moves only when every part passes, and a part that cannot decide fails."""
+    parts = {"preference": _preference_gate(cfg, candidate, history)}
+    if cfg.gate_rec_data:
+        parts["REC"] = _rec_gate(cfg, rec, candidate.version)
+    passed = all(result is not None and result.passed for result in parts.values())
+    summary = " | ".join(
+        f"{name}: {'cannot decide' if result is None else result.summary()}" for name, result in parts.items()
+    )
+    if rec is not None:
+        summary += f" ({rec.describe()})"
+    log.info("eval gate %s: %s", "passed" if passed else "failed", summary)
+    return passed
+
+
+def _preference_gate(
+    cfg: TrainerConfig, candidate: adapters_pb2.AdapterManifest, history: AdapterHistory
+) -> GateResult | None:
+    """Held-out preference metrics of the two manifests; None (logged) when one lacks them."""
     current = history.current(STABLE)
     reference = None
     if current:
         reference_manifest = history.manifests.get(current)
         reference = dict(reference_manifest.metrics) if reference_manifest is not None else {}
     try:
-        result = evaluate_gate(
+        return evaluate_gate(
             dict(candidate.metrics),
             reference,
             cfg.gate_tolerances(),
@@ -130,9 +166,26 @@ def gate_passes(cfg: TrainerConfig, candidate: adapters_pb2.AdapterManifest, his
         )
     except EvalMetricsMissing as exc:
         log.warning("eval gate cannot decide, %s stays: %s", STABLE, exc)
-        return False
-    log.info("eval gate %s: %s", "passed" if result.passed else "failed", result.summary())
-    return result.passed
+        return None
+
+
+def _rec_gate(cfg: TrainerConfig, rec: RecComparison | None, candidate_name: str) -> GateResult | None:
+    """The admin's rule on the REC accuracies measured now on the same set (never a stored value, which
+    may come from another set); None (logged) without a measurement, so the gate never guesses."""
+    if rec is None:
+        log.warning("REC gate is on (%s) but nothing was measured, %s stays", cfg.gate_rec_data, STABLE)
+        return None
+    try:
+        return evaluate_gate(
+            {REC_ACCURACY: rec.candidate_accuracy},
+            {REC_ACCURACY: rec.reference_accuracy},
+            {REC_ACCURACY: cfg.gate_tolerance_rec},
+            candidate_name=candidate_name,
+            reference_name=rec.reference_name,
+        )
+    except EvalMetricsMissing as exc:  # a NaN accuracy
+        log.warning("REC gate cannot decide, %s stays: %s", STABLE, exc)
+        return None
 
 
 def publish_round(
@@ -142,12 +195,14 @@ def publish_round(
     adapter_dir: Path,
     manifest: adapters_pb2.AdapterManifest,
     history: AdapterHistory,
+    rec: RecComparison | None = None,
 ) -> tuple[adapters_pb2.AdapterManifest, bool]:
-    """Publish, announce, move `latest`, and `stable` if gated in; returns (manifest, promoted)."""
+    """Publish, announce, move `latest`, and `stable` if gated in (`rec`: the REC gate's measurement of
+    this adapter, when that gate is on); returns (manifest, promoted)."""
     log.info("publishing adapter from %s", adapter_dir)
     published = store.publish(adapter_dir, manifest, round_index(manifest.parent_version))
     log.info("published %s", published.version)
-    return published, announce_round(cfg, producer, published, history)
+    return published, announce_round(cfg, producer, published, history, rec)
 
 
 def announce_round(
@@ -155,11 +210,12 @@ def announce_round(
     producer: ProtoProducer,
     published: adapters_pb2.AdapterManifest,
     history: AdapterHistory,
+    rec: RecComparison | None = None,
 ) -> bool:
     """Announce a stored version, move `latest` to it, and `stable` if the gate passes; returns promoted."""
     announce_version(producer, published)
     move_alias(producer, LATEST, published.version, "trained")
-    promoted = gate_passes(cfg, published, history)
+    promoted = gate_passes(cfg, published, history, rec)
     if promoted:
         move_alias(producer, STABLE, published.version, "eval gate passed")
     return promoted
@@ -184,11 +240,12 @@ def finish_interrupted(
     for manifest in interrupted_versions(store, history):
         if manifest.base_model_id != cfg.base_model:
             continue
-        verified = store.verify(manifest.version, expected_base_model_id=cfg.base_model).manifest
-        log.info("finishing the interrupted publication of %s", verified.version)
-        announce_round(cfg, producer, verified, history)
-        history.apply(adapters_pb2.AdapterEvent(published=verified))
-        finished.append(verified.version)
+        verified = store.verify(manifest.version, expected_base_model_id=cfg.base_model)
+        log.info("finishing the interrupted publication of %s", verified.manifest.version)
+        rec = measure_rec(cfg, store, history, verified.path)  # the REC gate never decides unmeasured
+        announce_round(cfg, producer, verified.manifest, history, rec)
+        history.apply(adapters_pb2.AdapterEvent(published=verified.manifest))
+        finished.append(verified.manifest.version)
     return finished
 
 

@@ -1,9 +1,10 @@
 """A training round end to end, and the trigger policy of the long-running mode.
 
 `run_round`: finish an interrupted publication if there is one -> drop pairs a published version was
-already trained on -> dataset -> DPO -> publication -> offset commit (last). Any exception or kill
-before the commit leaves the offsets where they were, so the next run sees the same records again
-and either retrains them or, if their version made it into the store, only finishes its publication.
+already trained on -> dataset -> DPO -> REC gate measurement (when on) -> publication -> offset commit
+(last). Any exception or kill before the commit leaves the offsets where they were, so the next run
+sees the same records again and either retrains them or, if their version made it into the store, only
+finishes its publication.
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ from spr.v1 import adapters_pb2, pairs_pb2
 from trainer import metrics
 from trainer.config import TrainerConfig
 from trainer.dataset import build_dataset, dataset_sha256, split_heldout
-from trainer.publish import build_manifest, finish_interrupted, publish_round, read_history, resolve_parent
+from trainer.publish import (
+    build_manifest,
+    finish_interrupted,
+    measure_rec,
+    publish_round,
+    read_history,
+    resolve_parent,
+)
 from trainer.recipe import train_round
 from trainer.source import Batch
 
@@ -108,10 +116,13 @@ def run_round(
         log.info("training started (parent %s, trigger: %s)", parent.version or "base", trigger.reason)
         result = train_round(cfg, train, heldout, parent.path, work, [metrics.MetricsCallback()])
         write_pair_ids(result.adapter_dir, (pair.pair_id for pair in pairs))
+        rec = measure_rec(cfg, store, history, result.adapter_dir)
+        if rec is not None:
+            result.metrics.update(rec.manifest_metrics())
         manifest = build_manifest(
             cfg, parent, batch.ranges(), len(pairs), dataset_sha256(dataset), result.metrics, trigger
         )
-        published, promoted = publish_round(cfg, store, producer, result.adapter_dir, manifest, history)
+        published, promoted = publish_round(cfg, store, producer, result.adapter_dir, manifest, history, rec)
     _commit(consumer, batch)
     report.outcome = PUBLISHED
     report.version, report.parent_version, report.promoted = published.version, parent.version, promoted

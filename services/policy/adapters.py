@@ -13,6 +13,7 @@ evicting and switching never interleave with a forward pass.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -83,11 +84,30 @@ class AdapterRegistry:
             except AdapterStoreError as exc:
                 raise AdapterNotFound(str(exc)) from exc
             self._inject(version, str(verified.path))
-            seconds = time.perf_counter() - start
-            self.resident[version] = AdapterStats(load_seconds=seconds)
-            self.revision += 1
-            self._evict(keep=version)
-            return seconds
+            return self._loaded(version, start)
+
+    def load_folder(self, name: str, path: str | os.PathLike[str]) -> float:
+        """Load the PEFT folder `path` as adapter `name`, bypassing the store; return the load time.
+
+        For adapters that are not published yet: the trainer's REC gate scores a candidate before
+        publication, because its metrics go into the manifest the publication writes. Serving never
+        calls this (requests only reach verified store versions). `name` must not be resident already,
+        nor "" / "base" / an alias, so it can never shadow a published version or the base.
+        """
+        with self.lock:
+            if name in (BASE, "base") or name in self.aliases or name in self.resident:
+                raise ValueError(f"adapter name {name!r} is taken (base, an alias, or resident)")
+            start = time.perf_counter()
+            self._inject(name, os.fspath(path))
+            return self._loaded(name, start)
+
+    def _loaded(self, version: str, start: float) -> float:
+        """Record a just-injected adapter (stats, revision) and evict beyond the limit."""
+        seconds = time.perf_counter() - start
+        self.resident[version] = AdapterStats(load_seconds=seconds)
+        self.revision += 1
+        self._evict(keep=version)
+        return seconds
 
     def _inject(self, version: str, path: str) -> None:
         if isinstance(self.model, PeftModel):
