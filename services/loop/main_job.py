@@ -34,6 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from services.adapters.store import AdapterStore
 from services.bootstrap.pipeline import Bootstrapped, bootstrap
 from services.bootstrap.recipe import PolicyRecipe
@@ -85,10 +87,11 @@ class MainJobConfig:
     bootstrap_images: int = 0  # 0 = the recipe's
     trainer_args: tuple[str, ...] = ()
     round_timeout_s: float = 1200.0
-    # Math threads of Triton's policy and of every stage process. They all run at once, each with
-    # torch's default of one thread per core, so on 2 cores ~6 processes oversubscribed the CPU ~10x
-    # (a 1.3 s batch of generations took 13 s). The trainer and the evaluation, which run while the
-    # stages idle, keep every core.
+    # Math threads of every process once the stack runs: Triton's policy, each stage, the trainer and
+    # this process's REC evaluations. ~6 processes share the cores, and with torch's default (a thread
+    # per core each) they stalled on each other's OpenMP barriers: on 2 cores a batch of generations
+    # took 10x longer, a DPO step 8x, a REC evaluation with an adapter 25x. The bootstrap runs alone,
+    # before the stack, with every core.
     service_threads: int = 1
 
 
@@ -213,10 +216,8 @@ def train_round(
     if kafka.api_version:
         argv += ["--kafka_api_version", ".".join(str(p) for p in kafka.api_version)]
     log = cfg.work / "logs" / f"trainer-round{round_no}.log"
-    # every core for the trainer: the stages idle while it trains (see service_threads)
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
-    with log.open("w") as out:
-        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=out, text=True, check=False, env=env)
+    with log.open("w") as out:  # the environment caps its threads (MainJobConfig.service_threads)
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=out, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"trainer round {round_no} failed (status {done.returncode}); log {log}")
     report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -318,6 +319,8 @@ def run(cfg: MainJobConfig) -> int:
     dataset = training_annotations(boot, recipe, cfg.work / "train_annotations.json")
     store = cfg.work / "adapters"
     samples = read_spr_rec(boot.rec_test)[: cfg.eval_limit or None]
+    if cfg.service_threads > 0:
+        torch.set_num_threads(cfg.service_threads)
     evaluation = Evaluation(samples, PolicyRunner(str(boot.policy), adapter_store=AdapterStore(store)))
     evaluation.add("", "base")
     with BrokerProcess(cfg.broker, workdir=cfg.work / "broker") as broker:
