@@ -129,6 +129,49 @@ class EmbeddingCache:
             self._entries.clear()
 
 
+class SentencePieceIds:
+    """SigLIP's slow (Python) tokenizer call, ``padding="max_length"`` with truncation, as one batched
+    sentencepiece call: the transformers wrapper runs its per-text Python (~0.08 ms a text), which
+    this halves (0.75 -> 0.4 ms for the sample region's 9 sentences). Same steps as ``SiglipTokenizer``
+    (canonicalize ``"▁" + text``, encode behind the unknown token and drop it, truncate, append
+    ``</s>``, pad right); texts holding an added token (``</s>``, ``<unk>``) take the transformers
+    path, which splits on them. Tested equal to it (``tests/scorers/test_preprocess.py``).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.unk = str(tokenizer.unk_token)
+        self.unk_length = len(tokenizer.sp_model.encode(self.unk))
+        self.added = tuple(str(t) for t in tokenizer._added_tokens_encoder)
+
+    @staticmethod
+    def applies(tokenizer: Any) -> bool:
+        """Only the exact tokenizer class whose steps this repeats, padding and truncating on the right."""
+        return (
+            type(tokenizer).__name__ == "SiglipTokenizer"
+            and tokenizer.padding_side == "right"
+            and tokenizer.truncation_side == "right"
+            and not tokenizer.split_special_tokens
+        )
+
+    def __call__(self, texts: Sequence[str], length: int) -> Arrays | None:
+        """``input_ids``/``attention_mask`` ``(len(texts), length)``; None where a text needs transformers."""
+        if any(token in text for text in texts for token in self.added):
+            return None
+        canonical = [
+            self.unk + self.tokenizer.canonicalize_text("\u2581" + t.replace("\u2581", " ")) for t in texts
+        ]
+        encoded: list[list[int]] = self.tokenizer.sp_model.encode(canonical)
+        ids = np.full((len(texts), length), int(self.tokenizer.pad_token_id), dtype=np.int64)
+        attention = np.zeros_like(ids)
+        for row, pieces in enumerate(encoded):
+            tokens = pieces[self.unk_length :] if len(pieces) >= self.unk_length else pieces
+            kept = [*tokens[: length - 1], int(self.tokenizer.eos_token_id)]
+            ids[row, : len(kept)] = kept
+            attention[row, : len(kept)] = 1
+        return {"input_ids": ids, "attention_mask": attention}
+
+
 class DualEncoder:
     """CLIP or SigLIP on two runners with shared preprocessing (fixed shapes, see module docstring)."""
 
@@ -151,6 +194,8 @@ class DualEncoder:
         self.pixels = PixelPreprocessor.of(processor.image_processor)
         self.text_cache = EmbeddingCache(text_cache_size)
         self.pad_to_longest = pad_to_longest
+        fast = SentencePieceIds.applies(self.tokenizer) and not pad_to_longest
+        self.fast_ids = SentencePieceIds(self.tokenizer) if fast else None
 
     @property
     def grid(self) -> int:
@@ -167,6 +212,9 @@ class DualEncoder:
     def text_feed(self, texts: Sequence[str]) -> Arrays:
         """Token ids and mask of ``texts``: padded to the longest text where the model allows it
         (:func:`pads_to_longest`), else to the text length."""
+        fast = self.fast_ids(texts, self.text_length) if self.fast_ids is not None else None
+        if fast is not None:
+            return fast
         tokens = self.tokenizer(
             list(texts),
             padding="longest" if self.pad_to_longest else "max_length",
