@@ -21,6 +21,7 @@ class SkipReason(IntEnum):
     TOO_FEW_CANDIDATES = 3
     SCORES_TIMED_OUT = 4  # decided by the pair builder's join, never by select_pair
     SCORING_FAILED = 5  # likewise: a scorer sent an error record instead of scores
+    DESCRIBE_FAILED = 6  # likewise: the describer sent an error record instead of candidates
 
     @property
     def proto_name(self) -> str:

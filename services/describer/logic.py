@@ -330,6 +330,19 @@ class Describer:
     ) -> PolicyOutput:
         return wait_on_loop(self._loop, coro, deadline, on_cancel)
 
+    def failure_record(
+        self, region: common_pb2.Region, error: common_pb2.ErrorInfo
+    ) -> describer_pb2.DescriptionRecord:
+        """The Kafka record of a region this describer could not describe: no candidates, the error,
+        and the lineage it would have had (run id, model), so the pair builder's decision keeps it."""
+        lineage = common_pb2.Lineage(
+            policy_model_id=self.settings.policy_model_id,
+            run_id=self.settings.run_id,
+            code_version=self._code_version,
+            sampler_version=region.sampler_version,
+        )
+        return describer_pb2.DescriptionRecord(region=region, lineage=lineage, error=error)
+
     # --- step 6: parsing into candidates -----------------------------------------------------------
 
     def build(self, prepared: PreparedRegion, output: PolicyOutput) -> Description:

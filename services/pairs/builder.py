@@ -41,7 +41,9 @@ region ends in exactly one decision. The clock is this process's: after a restar
 region waits ``timeout_s`` again. Records of a region already decided are dropped and counted (LRU of
 ``decided_capacity`` region ids). A scorer that cannot score a description (it dead-letters it) sends a
 score record carrying the error instead of scores; the region is then decided at once as a
-``SKIP_REASON_SCORING_FAILED`` skip with that error, not after ``timeout_s``.
+``SKIP_REASON_SCORING_FAILED`` skip with that error, not after ``timeout_s``. Likewise a region the
+describer could not describe: its description record carries the error, both scorers pass it on, and
+the region is decided as ``SKIP_REASON_DESCRIBE_FAILED``.
 
 **Bad input.** Undecodable records (schema header, protobuf) go to the dead-letter topic with
 ``spr-error-*`` headers and a serialized ``spr.v1.ErrorInfo``, as in the other stages; so do regions whose
@@ -86,7 +88,7 @@ from services.common.topics import (
 )
 from services.pairs import metrics
 from services.pairs.join import Added, JoinState, Kind, OpenRegion, Status
-from services.pairs.logic import decide, mismatch, scoring_error, scoring_failed, timed_out
+from services.pairs.logic import decide, mismatch, timed_out, upstream_failed, upstream_failure
 from services.pairs.settings import PairBuilderSettings
 from spr.v1 import common_pb2, pairs_pb2
 
@@ -218,9 +220,9 @@ class PairBuilder:
         if problem:
             self._reject(region, CODE_MISMATCH, problem)
             return
-        error = scoring_error(localization, semantic)
-        if error is not None:  # the scorer dead-lettered the description already
-            self._produce(region, scoring_failed(description, error, self.rules), 0)
+        failure = upstream_failure(description, localization, semantic)
+        if failure is not None:  # the failing stage dead-lettered its input already
+            self._produce(region, upstream_failed(description, failure, self.rules), 0)
             return
         try:
             decision = decide(description, localization, semantic, self.rules)

@@ -104,30 +104,43 @@ def mismatch(
         if scored.lineage.run_id != run_id:
             return f"{name} scores are of run {scored.lineage.run_id!r}, the description of run {run_id!r}"
         if scored.HasField("error"):
-            continue  # a failure record names no candidates (see scoring_failed)
+            continue  # a failure record names no candidates (see upstream_failed)
         named = sorted(s.candidate_id for s in scored.scores)
         if named != ids:
             return f"{name} scores name candidates {named[:4]}..., the description {ids[:4]}..."
     return ""
 
 
-def scoring_error(
-    localization: scoring_pb2.LocalizationScoreRecord, semantic: scoring_pb2.SemanticScoreRecord | None
-) -> common_pb2.ErrorInfo | None:
-    """The error of the first score record that says its scorer failed on the description, if any."""
+@dataclass(frozen=True)
+class UpstreamFailure:
+    """A stage before the pair builder failed on the region and said so in its record."""
+
+    skip: pairs_pb2.SkipReason.ValueType  # DESCRIBE_FAILED or SCORING_FAILED
+    error: common_pb2.ErrorInfo
+
+
+def upstream_failure(
+    description: describer_pb2.DescriptionRecord,
+    localization: scoring_pb2.LocalizationScoreRecord,
+    semantic: scoring_pb2.SemanticScoreRecord | None,
+) -> UpstreamFailure | None:
+    """The describer's error, else the first scorer's, when a record of the region carries one."""
+    if description.HasField("error"):  # the scorers passed it on without scoring
+        return UpstreamFailure(pairs_pb2.SKIP_REASON_DESCRIBE_FAILED, description.error)
     for scored in (localization, semantic):
         if scored is not None and scored.HasField("error"):
-            return scored.error
+            return UpstreamFailure(pairs_pb2.SKIP_REASON_SCORING_FAILED, scored.error)
     return None
 
 
-def scoring_failed(
-    record: describer_pb2.DescriptionRecord, error: common_pb2.ErrorInfo, rules: PairRules
+def upstream_failed(
+    record: describer_pb2.DescriptionRecord, failure: UpstreamFailure, rules: PairRules
 ) -> pairs_pb2.PairDecision:
-    """The decision of a region a scorer could not score: a SCORING_FAILED skip naming the error."""
+    """The decision of a region a stage before the builder failed on: a skip naming the error."""
+    error = failure.error
     return pairs_pb2.PairDecision(
         region_id=record.region.region_id,
-        skip=pairs_pb2.SKIP_REASON_SCORING_FAILED,
+        skip=failure.skip,
         detail=f"{error.stage}: {error.code} {error.message}",
         lineage=_skip_lineage(record, rules),
     )

@@ -39,8 +39,15 @@ def score_stage(
     """The stage runner of one scorer: ``descriptions`` -> ``output``.
 
     A description that cannot be scored goes to the dead-letter topic and, as ``failure`` (a score
-    record carrying the error), to ``output`` too: the pair builder decides its region at once.
+    record carrying the error), to ``output`` too: the pair builder decides its region at once. A
+    description that carries the describer's error is passed on the same way, without scoring.
     """
+
+    def score_or_pass_on(record: describer_pb2.DescriptionRecord, deadline: float) -> R:
+        if record.HasField("error"):  # the describer failed: nothing to score, tell the pair builder
+            return failure(record, record.error)
+        return score(record, deadline)
+
     spec: StageSpec[describer_pb2.DescriptionRecord, R] = StageSpec(
         name=name,
         input=Topic(settings.descriptions_topic, describer_pb2.DescriptionRecord),
@@ -48,7 +55,7 @@ def score_stage(
         dead_letter_topic=settings.dead_letters(),
         # spr-localization / spr-semantic: the names the Admin's stats and the KEDA scalers watch
         group_id=settings.group_id or f"spr-{name.removesuffix('_scorer')}",
-        handle=score,
+        handle=score_or_pass_on,
         key=region_key,
         on_failure=failure,
     )

@@ -140,11 +140,18 @@ def test_regions_become_descriptions_and_bad_records_are_dead_lettered(
     partition = TopicPartition(topics.regions_topic, 0)
     while time.monotonic() < deadline and stage.consumer.raw.committed(partition) != 3:
         stage.step(timeout_ms=500)
-    descriptions = read_all(settings, topics.descriptions_topic, 1, timeout=5)
+    descriptions = read_all(settings, topics.descriptions_topic, 2, timeout=5)
     dlq = read_all(settings, topics.dead_letter_topic, 2, timeout=5)
 
-    assert len(descriptions) == 1, caplog.text  # the stage logs why it retried or dead-lettered
-    (produced,) = descriptions
+    # r-good described; r-outside dead-lettered AND announced downstream as a record with the error
+    assert sorted(r.key for r in descriptions) == [b"r-good", b"r-outside"], caplog.text
+    failed = describer_pb2.DescriptionRecord.FromString(
+        next(r.value for r in descriptions if r.key == b"r-outside")
+    )
+    assert failed.region == outside and not failed.candidates
+    assert (failed.error.stage, failed.error.code) == ("describer", "REGION_OUT_OF_BOUNDS")
+    assert failed.lineage.policy_model_id and failed.lineage.sampler_version == "test-sampler/1"
+    produced = next(r for r in descriptions if r.key == b"r-good")
     assert produced.key == b"r-good"
     record = describer_pb2.DescriptionRecord.FromString(produced.value)
     assert record.region == good

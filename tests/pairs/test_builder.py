@@ -15,7 +15,7 @@ from services.core import pair_id
 from services.devstack.broker import BrokerProcess
 from services.pairs.builder import CODE_MISMATCH, CODE_TIMED_OUT, CODE_UNDECODABLE, PairBuilder
 from services.pairs.logic import decide
-from spr.v1 import common_pb2, pairs_pb2, scoring_pb2
+from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 from tests.pairs.stream import StreamTopics, read_raw, read_topic, region_messages
 
 pytestmark = pytest.mark.integration
@@ -25,6 +25,7 @@ METRICS = [
     ("spr_pairs_dead_letters_total", {"code": CODE_MISMATCH}),
     ("spr_pairs_decisions_total", {"outcome": "scores_timed_out"}),
     ("spr_pairs_decisions_total", {"outcome": "scoring_failed"}),
+    ("spr_pairs_decisions_total", {"outcome": "describe_failed"}),
     ("spr_pairs_dropped_records_total", None),
     ("spr_pairs_margin_count", {}),
 ]
@@ -52,7 +53,8 @@ def _produce_shuffled(kafka: KafkaSettings, topics: StreamTopics, region_ids: li
 
 def _produce_bad_input(kafka: KafkaSettings, topics: StreamTopics) -> None:
     """An undecodable record, a region whose scores are of another run, a region never scored
-    semantically, a region its localization scorer failed on, and a duplicated score record."""
+    semantically, a region its localization scorer failed on, a region the describer failed on (its
+    error passed on by both scorers), and a duplicated score record."""
     with ProtoProducer(kafka) as producer:
         raw = producer._producer  # the typed producer cannot send a wrong schema header; that is the point
         raw.send(
@@ -82,6 +84,23 @@ def _produce_bad_input(kafka: KafkaSettings, topics: StreamTopics) -> None:
             (topics.semantic, sem),
         ):
             producer.send(topic, "bad/scoring-failed", message)
+        record, loc, sem = region_messages("bad/describe-failed")
+        error = common_pb2.ErrorInfo(stage="describer", code="IMAGE_UNREADABLE", message="truncated PNG")
+        described = describer_pb2.DescriptionRecord(region=record.region, lineage=record.lineage, error=error)
+        for topic, message in (
+            (topics.descriptions, described),
+            (
+                topics.localization,
+                scoring_pb2.LocalizationScoreRecord(
+                    region_id=loc.region_id, lineage=loc.lineage, error=error
+                ),
+            ),
+            (
+                topics.semantic,
+                scoring_pb2.SemanticScoreRecord(region_id=sem.region_id, lineage=sem.lineage, error=error),
+            ),
+        ):
+            producer.send(topic, "bad/describe-failed", message)
 
 
 @pytest.mark.parametrize("broker_fixture", ["kafka_broker", "tansu_broker"])
@@ -105,7 +124,7 @@ def test_one_decision_per_region_with_deterministic_ids(
     thread = threading.Thread(target=builder.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        decisions = read_topic(kafka, topics.pairs, lambda found: len(found) >= len(good) + 2, timeout_s=90)
+        decisions = read_topic(kafka, topics.pairs, lambda found: len(found) >= len(good) + 3, timeout_s=90)
         dead = read_raw(kafka, topics.dead_letters.name, 1, lambda found: len(found) >= 6, timeout_s=30)
     finally:
         stop.set()
@@ -113,7 +132,7 @@ def test_one_decision_per_region_with_deterministic_ids(
         builder.close()
 
     by_region = Counter(d.message.region_id for d in decisions)
-    assert set(by_region) == {*good, "bad/no-semantic", "bad/scoring-failed"}
+    assert set(by_region) == {*good, "bad/no-semantic", "bad/scoring-failed", "bad/describe-failed"}
     assert set(by_region.values()) == {1}
     for found in decisions:
         decision = found.message
@@ -124,6 +143,11 @@ def test_one_decision_per_region_with_deterministic_ids(
             assert decision.skip == pairs_pb2.SKIP_REASON_SCORING_FAILED
             assert decision.detail == "localization_scorer: POLICY_FAILED boom"
             continue
+        if found.key == "bad/describe-failed":  # decided at once from the describer's error record
+            assert decision.skip == pairs_pb2.SKIP_REASON_DESCRIBE_FAILED
+            assert decision.detail == "describer: IMAGE_UNREADABLE truncated PNG"
+            assert decision.lineage.run_id == RUN
+            continue
         expected = decide(*region_messages(found.key), settings.rules())
         assert decision == expected  # the same decision as the core logic on the same records
         if decision.WhichOneof("decision") == "pair":
@@ -132,11 +156,11 @@ def test_one_decision_per_region_with_deterministic_ids(
 
     codes = Counter(dict(r.headers)["spr-error-code"].decode() for r in dead)
     assert codes == {CODE_UNDECODABLE: 1, CODE_MISMATCH: 3, CODE_TIMED_OUT: 2}
-    mismatched, timed_out, failed, dropped, margins = (
+    mismatched, timed_out, failed, describe_failed, dropped, margins = (
         _sample(name, labels) - was for (name, labels), was in zip(METRICS, before, strict=True)
     )
     assert mismatched == 3  # RECORDS_MISMATCH
-    assert timed_out == 1 and failed == 1
+    assert timed_out == 1 and failed == 1 and describe_failed == 1
     assert dropped >= 1  # the duplicated score record
     assert margins == sum(d.message.WhichOneof("decision") == "pair" for d in decisions)
     info = common_pb2.ErrorInfo.FromString(

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from spr.v1 import common_pb2 as spr_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16spr/v1/describer.proto\x12\x06spr.v1\x1a\x13spr/v1/common.proto\"\xb3\x01\n\tCandidate\x12\x14\n\x0c\x63\x61ndidate_id\x18\x01 \x01(\t\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12!\n\x08mentions\x18\x04 \x03(\x0b\x32\x0f.spr.v1.Mention\x12\x16\n\x0etoken_logprobs\x18\x05 \x03(\x02\x12\x19\n\x11\x63oordinate_format\x18\x06 \x01(\t\x12\x16\n\x0eparse_warnings\x18\x07 \x03(\t\"\xff\x01\n\x11\x44\x65scriptionRecord\x12\x1e\n\x06region\x18\x01 \x01(\x0b\x32\x0e.spr.v1.Region\x12%\n\ncandidates\x18\x02 \x03(\x0b\x32\x11.spr.v1.Candidate\x12 \n\x07lineage\x18\x03 \x01(\x0b\x32\x0f.spr.v1.Lineage\x12\'\n\x0bprompt_mode\x18\x04 \x01(\x0e\x32\x12.spr.v1.PromptMode\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x1d\n\x08\x63rop_box\x18\x06 \x01(\x0b\x32\x0b.spr.v1.Box\x12\x13\n\x0b\x66rame_width\x18\x07 \x01(\x05\x12\x14\n\x0c\x66rame_height\x18\x08 \x01(\x05\"\xa3\x02\n\x15\x44\x65scribeRegionRequest\x12\x15\n\x0bimage_bytes\x18\x01 \x01(\x0cH\x00\x12\x13\n\timage_uri\x18\x02 \x01(\tH\x00\x12\x1b\n\x06region\x18\x03 \x01(\x0b\x32\x0b.spr.v1.Box\x12,\n\x0bobject_refs\x18\x04 \x03(\x0b\x32\x17.spr.v1.AnnotatedObject\x12\'\n\x0bprompt_mode\x18\x05 \x01(\x0e\x32\x12.spr.v1.PromptMode\x12\x13\n\x0btemplate_id\x18\x06 \x01(\t\x12(\n\x08sampling\x18\x07 \x01(\x0b\x32\x16.spr.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x08 \x01(\t\x12\x11\n\tregion_id\x18\t \x01(\tB\x07\n\x05image\"`\n\x16\x44\x65scribeRegionResponse\x12$\n\tcandidate\x18\x01 \x01(\x0b\x32\x11.spr.v1.Candidate\x12 \n\x07lineage\x18\x02 \x01(\x0b\x32\x0f.spr.v1.Lineage*\x7f\n\nPromptMode\x12\x1b\n\x17PROMPT_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10PROMPT_MODE_CROP\x10\x01\x12\x1e\n\x1aPROMPT_MODE_CROP_WITH_REFS\x10\x02\x12\x1e\n\x1aPROMPT_MODE_FULL_IMAGE_BOX\x10\x03\x32^\n\tDescriber\x12Q\n\x0e\x44\x65scribeRegion\x12\x1d.spr.v1.DescribeRegionRequest\x1a\x1e.spr.v1.DescribeRegionResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16spr/v1/describer.proto\x12\x06spr.v1\x1a\x13spr/v1/common.proto\"\xb3\x01\n\tCandidate\x12\x14\n\x0c\x63\x61ndidate_id\x18\x01 \x01(\t\x12\x14\n\x0csample_index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12!\n\x08mentions\x18\x04 \x03(\x0b\x32\x0f.spr.v1.Mention\x12\x16\n\x0etoken_logprobs\x18\x05 \x03(\x02\x12\x19\n\x11\x63oordinate_format\x18\x06 \x01(\t\x12\x16\n\x0eparse_warnings\x18\x07 \x03(\t\"\xa1\x02\n\x11\x44\x65scriptionRecord\x12\x1e\n\x06region\x18\x01 \x01(\x0b\x32\x0e.spr.v1.Region\x12%\n\ncandidates\x18\x02 \x03(\x0b\x32\x11.spr.v1.Candidate\x12 \n\x07lineage\x18\x03 \x01(\x0b\x32\x0f.spr.v1.Lineage\x12\'\n\x0bprompt_mode\x18\x04 \x01(\x0e\x32\x12.spr.v1.PromptMode\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x1d\n\x08\x63rop_box\x18\x06 \x01(\x0b\x32\x0b.spr.v1.Box\x12\x13\n\x0b\x66rame_width\x18\x07 \x01(\x05\x12\x14\n\x0c\x66rame_height\x18\x08 \x01(\x05\x12 \n\x05\x65rror\x18\t \x01(\x0b\x32\x11.spr.v1.ErrorInfo\"\xa3\x02\n\x15\x44\x65scribeRegionRequest\x12\x15\n\x0bimage_bytes\x18\x01 \x01(\x0cH\x00\x12\x13\n\timage_uri\x18\x02 \x01(\tH\x00\x12\x1b\n\x06region\x18\x03 \x01(\x0b\x32\x0b.spr.v1.Box\x12,\n\x0bobject_refs\x18\x04 \x03(\x0b\x32\x17.spr.v1.AnnotatedObject\x12\'\n\x0bprompt_mode\x18\x05 \x01(\x0e\x32\x12.spr.v1.PromptMode\x12\x13\n\x0btemplate_id\x18\x06 \x01(\t\x12(\n\x08sampling\x18\x07 \x01(\x0b\x32\x16.spr.v1.SamplingParams\x12\x0f\n\x07\x61\x64\x61pter\x18\x08 \x01(\t\x12\x11\n\tregion_id\x18\t \x01(\tB\x07\n\x05image\"`\n\x16\x44\x65scribeRegionResponse\x12$\n\tcandidate\x18\x01 \x01(\x0b\x32\x11.spr.v1.Candidate\x12 \n\x07lineage\x18\x02 \x01(\x0b\x32\x0f.spr.v1.Lineage*\x7f\n\nPromptMode\x12\x1b\n\x17PROMPT_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10PROMPT_MODE_CROP\x10\x01\x12\x1e\n\x1aPROMPT_MODE_CROP_WITH_REFS\x10\x02\x12\x1e\n\x1aPROMPT_MODE_FULL_IMAGE_BOX\x10\x03\x32^\n\tDescriber\x12Q\n\x0e\x44\x65scribeRegion\x12\x1d.spr.v1.DescribeRegionRequest\x1a\x1e.spr.v1.DescribeRegionResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spr.v1.describer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROMPTMODE']._serialized_start=887
-  _globals['_PROMPTMODE']._serialized_end=1014
+  _globals['_PROMPTMODE']._serialized_start=921
+  _globals['_PROMPTMODE']._serialized_end=1048
   _globals['_CANDIDATE']._serialized_start=56
   _globals['_CANDIDATE']._serialized_end=235
   _globals['_DESCRIPTIONRECORD']._serialized_start=238
-  _globals['_DESCRIPTIONRECORD']._serialized_end=493
-  _globals['_DESCRIBEREGIONREQUEST']._serialized_start=496
-  _globals['_DESCRIBEREGIONREQUEST']._serialized_end=787
-  _globals['_DESCRIBEREGIONRESPONSE']._serialized_start=789
-  _globals['_DESCRIBEREGIONRESPONSE']._serialized_end=885
-  _globals['_DESCRIBER']._serialized_start=1016
-  _globals['_DESCRIBER']._serialized_end=1110
+  _globals['_DESCRIPTIONRECORD']._serialized_end=527
+  _globals['_DESCRIBEREGIONREQUEST']._serialized_start=530
+  _globals['_DESCRIBEREGIONREQUEST']._serialized_end=821
+  _globals['_DESCRIBEREGIONRESPONSE']._serialized_start=823
+  _globals['_DESCRIBEREGIONRESPONSE']._serialized_end=919
+  _globals['_DESCRIBER']._serialized_start=1050
+  _globals['_DESCRIBER']._serialized_end=1144
 # @@protoc_insertion_point(module_scope)

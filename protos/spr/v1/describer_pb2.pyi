@@ -106,6 +106,7 @@ class DescriptionRecord(_message.Message):
     CROP_BOX_FIELD_NUMBER: _builtins.int
     FRAME_WIDTH_FIELD_NUMBER: _builtins.int
     FRAME_HEIGHT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
     prompt_mode: Global___PromptMode.ValueType
     prompt: _builtins.str
     frame_width: _builtins.int
@@ -123,6 +124,13 @@ class DescriptionRecord(_message.Message):
         unset in full-image prompt modes.
         """
 
+    @_builtins.property
+    def error(self) -> _common_pb2.ErrorInfo:
+        """Set when the describer could not describe the region (it went to the dead-letter topic too): the
+        record then holds the region, its lineage and no candidates; the scorers pass the error on
+        instead of scoring, and the pair builder decides the region at once (DESCRIBE_FAILED).
+        """
+
     def __init__(
         self,
         *,
@@ -134,10 +142,11 @@ class DescriptionRecord(_message.Message):
         crop_box: _common_pb2.Box | None = ...,
         frame_width: _builtins.int = ...,
         frame_height: _builtins.int = ...,
+        error: _common_pb2.ErrorInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["crop_box", b"crop_box", "lineage", b"lineage", "region", b"region"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["crop_box", b"crop_box", "error", b"error", "lineage", b"lineage", "region", b"region"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "crop_box", b"crop_box", "frame_height", b"frame_height", "frame_width", b"frame_width", "lineage", b"lineage", "prompt", b"prompt", "prompt_mode", b"prompt_mode", "region", b"region"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "crop_box", b"crop_box", "error", b"error", "frame_height", b"frame_height", "frame_width", b"frame_width", "lineage", b"lineage", "prompt", b"prompt", "prompt_mode", b"prompt_mode", "region", b"region"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

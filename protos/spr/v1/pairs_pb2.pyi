@@ -32,6 +32,8 @@ class _SkipReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SkipReason
     SKIP_REASON_SCORES_TIMED_OUT: _SkipReason.ValueType  # 4
     SKIP_REASON_SCORING_FAILED: _SkipReason.ValueType  # 5
     """a scorer could not score the description (its error in detail)"""
+    SKIP_REASON_DESCRIBE_FAILED: _SkipReason.ValueType  # 6
+    """the describer could not describe the region (its error in detail)"""
 
 class SkipReason(_SkipReason, metaclass=_SkipReasonEnumTypeWrapper): ...
 
@@ -42,6 +44,8 @@ SKIP_REASON_TOO_FEW_CANDIDATES: SkipReason.ValueType  # 3
 SKIP_REASON_SCORES_TIMED_OUT: SkipReason.ValueType  # 4
 SKIP_REASON_SCORING_FAILED: SkipReason.ValueType  # 5
 """a scorer could not score the description (its error in detail)"""
+SKIP_REASON_DESCRIBE_FAILED: SkipReason.ValueType  # 6
+"""the describer could not describe the region (its error in detail)"""
 Global___SkipReason: _TypeAlias = SkipReason  # noqa: Y015
 
 @_typing.final
