@@ -235,3 +235,23 @@ def test_kafka_stage_scores_equal_grpc_scores_and_bad_records_are_dead_lettered(
             parse(message_type, r.value) for r in read_all(kafka, outputs[key], 2) if r.key == b"region-2"
         ]
         assert len(failed) == 1 and not failed[0].scores and failed[0].error.code == "IMAGE_NOT_FOUND"
+
+
+def test_kafka_stages_pass_a_describer_error_on_without_scoring(
+    kafka_broker: BrokerProcess, scorers: tuple[LocalizationScorer, SemanticScorer]
+) -> None:
+    """A description that carries the describer's error has nothing to score: each scorer stage
+    outputs a score record with that error, so the pair builder decides the region at once."""
+    error = common_pb2.ErrorInfo(stage="describer", code="IMAGE_UNREADABLE", message="truncated")
+    lineage = common_pb2.Lineage(policy_model_id="tiny-qwen", run_id="t")
+    failed = describer_pb2.DescriptionRecord(
+        region=make_region(uri="/never/read.png"), lineage=lineage, error=error
+    )
+    for scorer, module in ((scorers[0], loc_stage), (scorers[1], sem_stage)):
+        stage = module.make_stage(scorer, kafka_broker.settings())
+        try:
+            out = stage.spec.handle(failed, time.monotonic() + 5)
+        finally:
+            stage.close()
+        assert out.error == error and not out.scores
+        assert out.region_id == failed.region.region_id and out.lineage.run_id == "t"
