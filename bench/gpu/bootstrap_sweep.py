@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 
-from services.bootstrap.pipeline import training_data
-from services.bootstrap.recipe import PolicyRecipe, build_model, build_processor
-from services.bootstrap.train import train
+from services.bootstrap.pipeline import train_policy
+from services.bootstrap.recipe import PolicyRecipe
 from services.evaluation.cli import evaluate_one
 from services.evaluation.datasets import read_spr_rec
 from services.evaluation.rec import accuracy_at
@@ -52,21 +51,9 @@ def run_variant(name: str, world_dir: Path, out: Path, device: str, eval_n: int,
     if max_steps:
         recipe = replace(recipe, steps=min(recipe.steps, max_steps), warmup_steps=1)
     world = WorldFiles(world_dir / "annotations.json", {s: world_dir / f"rec_{s}.json" for s in SPLITS})
-    torch.manual_seed(recipe.seed)
-    processor = build_processor(recipe)
-    model = build_model(recipe, processor)
-    rec, describe = training_data(world, processor, recipe)
     started = time.time()
-    log = train(
-        model,
-        processor,
-        rec,
-        describe,
-        recipe,
-        device=device,
-        log_every=250,
-        on_log=lambda step, loss: print(f"{name} step {step} loss {loss:.3f} {time.time() - started:.0f}s"),
-    )
+    say = lambda line: print(f"{name} {time.time() - started:.0f}s {line}", flush=True)  # noqa: E731
+    model, processor, log = train_policy(recipe, world, say, device, log_every=250)
     folder = out / f"policy-{name}"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)

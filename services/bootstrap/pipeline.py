@@ -33,7 +33,7 @@ from PIL import Image
 from services.bootstrap.clip import ClipRecipe, train_clip
 from services.bootstrap.data import Example, describe_examples, rec_examples
 from services.bootstrap.recipe import PolicyRecipe, build_model, build_processor, parameter_count
-from services.bootstrap.train import Encoded, encode, train
+from services.bootstrap.train import Encoded, TrainLog, encode, train
 from services.core.boxes import AnnotatedBox, Box
 from services.core.formats import CoordinateFormat
 from services.evaluation.datasets import read_spr_rec
@@ -185,23 +185,7 @@ def _build(recipe: PolicyRecipe, out: Path, say: Callable[[str], None], device: 
     world = build_world(out / "world", recipe.world_images, recipe.world_seed, cfg, recipe.test_fraction)
     say(f"world: {recipe.world_images} images in {out / 'world'}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        processor = build_processor(recipe)
-        model = build_model(recipe, processor)
-        rec, describe = training_data(world, processor, recipe)
-        say(
-            f"policy: {type(model).__name__}, {parameter_count(model) / 1e6:.2f}M parameters; "
-            f"{len(rec)} REC and {len(describe)} description examples; {recipe.steps} steps"
-        )
-        log = train(
-            model,
-            processor,
-            rec,
-            describe,
-            recipe,
-            on_log=lambda s, v: say(f"step {s}: loss {v:.3f}"),
-            device=device,
-        )
+        model, processor, log = train_policy(recipe, world, say, device)
     say(f"trained in {log.seconds:.0f}s")
     model.save_pretrained(out / "policy")
     processor.save_pretrained(out / "policy")
@@ -213,6 +197,23 @@ def _build(recipe: PolicyRecipe, out: Path, say: Callable[[str], None], device: 
         "losses": log.losses,
         "parameters": parameter_count(model),
     }
+
+
+def train_policy(
+    recipe: PolicyRecipe, world: WorldFiles, say: Callable[[str], None], device: str, log_every: int = 50
+) -> tuple[Any, Any, TrainLog]:
+    """A fresh policy of the recipe (seeded), trained by SFT on the world's training split."""
+    torch.manual_seed(recipe.seed)
+    processor = build_processor(recipe)
+    model = build_model(recipe, processor)
+    rec, describe = training_data(world, processor, recipe)
+    say(
+        f"policy: {type(model).__name__}, {parameter_count(model) / 1e6:.2f}M parameters; "
+        f"{len(rec)} REC and {len(describe)} description examples; {recipe.steps} steps"
+    )
+    on_log = lambda s, v: say(f"step {s}: loss {v:.3f}")  # noqa: E731
+    log = train(model, processor, rec, describe, recipe, on_log=on_log, log_every=log_every, device=device)
+    return model, processor, log
 
 
 def training_data(
