@@ -71,10 +71,10 @@ class MainJobConfig:
 
     work: Path = field(default_factory=lambda: Path.home() / ".cache" / "spr" / "main")
     rounds: int = 2
-    # ~4 regions/min through the whole stack on 2 CPU cores (describe 8 samples, ground every phrase
-    # with the policy): 2 x 20 regions keep the run within the 30-minute budget; --regions-per-round
-    # sets more on a larger machine.
-    regions_per_round: int = 20
+    # ~90 regions/min through the whole stack on 2 CPU cores (describe 8 samples, ground every phrase
+    # with the policy; measured 2026-11-27 with the bootstrap policy), a DPO round on 100 pairs ~1 min:
+    # 2 x 200 regions take ~8 minutes after the ~12-minute bootstrap, inside the 30-minute budget.
+    regions_per_round: int = 200
     samples: int = 8
     temperature: float = 1.0
     max_new_tokens: int = 40
