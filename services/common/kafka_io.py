@@ -20,8 +20,6 @@ dev stack fills in (``services.devstack.broker.client_settings``); nothing here 
 from __future__ import annotations
 
 import logging
-import os
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -56,16 +54,6 @@ class TopicMismatchError(RuntimeError):
     """An existing topic differs from its declaration (partitions or config)."""
 
 
-#: Environment variable for :attr:`KafkaSettings.idle_fetch_interval_ms`. An environment variable rather
-#: than one more setting in every service: it describes the broker (a one-machine emulator), not the
-#: service, and every process started against that broker inherits it (`BrokerProcess.client_env`).
-IDLE_FETCH_INTERVAL_ENV = "SPR_KAFKA_IDLE_FETCH_INTERVAL_MS"
-
-
-def _idle_fetch_interval_ms() -> int:
-    return int(os.environ.get(IDLE_FETCH_INTERVAL_ENV) or 0)
-
-
 @dataclass(frozen=True)
 class KafkaSettings:
     """Connection settings shared by every Kafka client of a process.
@@ -81,10 +69,6 @@ class KafkaSettings:
     session_timeout_ms: int = 45_000
     heartbeat_interval_ms: int = 3_000
     max_poll_interval_ms: int = 300_000
-    # 0: a poll waits inside the broker's fetch (fetch.max.wait.ms), as Apache Kafka holds an empty
-    # fetch. A broker that answers empty fetches at once (noida) makes that wait a busy loop, ~0.3 of
-    # a core per idle consumer; > 0: fetch without waiting and sleep this long between empty fetches.
-    idle_fetch_interval_ms: int = field(default_factory=_idle_fetch_interval_ms)
 
     def common_kwargs(self) -> dict[str, Any]:
         """Keyword arguments every kafka-python client accepts."""
@@ -341,7 +325,6 @@ class ProtoConsumer(Generic[M]):
         kwargs = {**settings.consumer_kwargs(group_id, auto_offset_reset=auto_offset_reset), **overrides}
         self._consumer = KafkaConsumer(**kwargs)
         self._consumer.subscribe(list(self._topics))
-        self._idle_interval_s = settings.idle_fetch_interval_ms / 1000
 
     @property
     def raw(self) -> Any:
@@ -350,24 +333,11 @@ class ProtoConsumer(Generic[M]):
 
     def poll(self, timeout_ms: int = 1000, max_records: int | None = None) -> list[Polled[M]]:
         """Fetch the next records (possibly none), decoded, in partition order."""
-        batches = self._fetch(timeout_ms, max_records)
+        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
         out: list[Polled[M]] = []
         for records in batches.values():
             out.extend(decode_record(self._topics[record.topic], record) for record in records)
         return out
-
-    def _fetch(self, timeout_ms: int, max_records: int | None) -> dict[Any, list[Any]]:
-        """``KafkaConsumer.poll``; with an idle fetch interval, the wait for records happens here, in
-        sleeps between non-waiting polls, instead of in a broker that does not hold empty fetches."""
-        if not self._idle_interval_s:
-            return dict(self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
-        deadline = time.monotonic() + timeout_ms / 1000
-        while True:
-            batches = self._consumer.poll(timeout_ms=0, max_records=max_records)
-            left = deadline - time.monotonic()
-            if batches or left <= 0:
-                return dict(batches)
-            time.sleep(min(self._idle_interval_s, left))
 
     def commit(self, records: Iterable[ConsumedRecord[Any] | UndecodableRecord] | None = None) -> bool:
         """Commit after processing: everything polled so far, or just up to the given records.

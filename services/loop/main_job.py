@@ -327,10 +327,9 @@ def run(cfg: MainJobConfig) -> int:
         kafka = broker.settings()
         ensure_topics(kafka, all_topics())
         say(f"broker ({cfg.broker}) at {broker.bootstrap_servers}")
-        env = policy_serving_env(boot.policy, store, kafka) | broker.client_env()
-        env |= thread_env(cfg.service_threads)
+        policy_env = policy_serving_env(boot.policy, store, kafka) | thread_env(cfg.service_threads)
         with (
-            environment(env),
+            environment(policy_env),
             TritonServer(POLICY_REPOSITORY, workdir=cfg.work / "triton", models=["spr_policy"]) as triton,
             service_set(cfg.work / "logs") as services,
         ):

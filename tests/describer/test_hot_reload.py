@@ -103,7 +103,7 @@ def test_publication_during_continuous_requests(
     tmp_path: Path,
 ) -> None:
     server, describer, store = stack
-    responses: list[tuple[float, str, str]] = []  # (time, adapter version, text)
+    responses: list[tuple[float, str, str]] = []  # (request start time, adapter version, text)
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -112,8 +112,11 @@ def test_publication_during_continuous_requests(
             stub = describer_pb2_grpc.DescriberStub(channel)
             while not stop.is_set():
                 try:
+                    # Stamped with the request's start: a request sent on the base before the switch
+                    # may still stream its answer after another request's first new-version answer.
+                    started = time.monotonic()
                     for r in stub.DescribeRegion(_request(), timeout=60):
-                        responses.append((time.monotonic(), r.lineage.adapter_version, r.candidate.text))
+                        responses.append((started, r.lineage.adapter_version, r.candidate.text))
                 except BaseException as exc:  # any failed request fails the test
                     errors.append(exc)
                     return
@@ -144,7 +147,9 @@ def test_publication_during_continuous_requests(
     assert set(versions) == {"", manifest.version}, set(versions)
     switched = [t for t, v, _ in responses if v == manifest.version]
     assert min(switched) - published < 10.0
+    # every request sent after the first one served by the new version is served by it too
     after = [(v, text) for t, v, text in responses if t > min(switched)]
+    assert after, "requests went on after the switch"
     assert all(v == manifest.version for v, _ in after), "no request falls back once switched"
     expected = _direct_peft_text(tiny_qwen25, store.path_of(manifest.version), describer)
     assert {text for _, text in after} == {expected}

@@ -77,7 +77,7 @@ def stack(tmp_path: Path) -> Iterator[Callable[[BrokerProcess], tuple[KafkaSetti
         kafka = broker.settings()
         ensure_topics(kafka, all_topics())
         # one math thread per process, as the main job runs them (MainJobConfig.service_threads)
-        env = policy_serving_env(policy, tmp_path / "adapters", kafka) | thread_env(1) | broker.client_env()
+        env = policy_serving_env(policy, tmp_path / "adapters", kafka) | thread_env(1)
         with environment(env):
             triton = TritonServer(
                 POLICY_REPOSITORY, workdir=tmp_path / "triton", models=["spr_policy"]
