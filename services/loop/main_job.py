@@ -71,10 +71,11 @@ class MainJobConfig:
 
     work: Path = field(default_factory=lambda: Path.home() / ".cache" / "spr" / "main")
     rounds: int = 2
-    # ~90 regions/min through the whole stack on 2 CPU cores (describe 8 samples, ground every phrase
-    # with the policy; measured 2026-11-27 with the bootstrap policy), a DPO round on 100 pairs ~1 min:
-    # 2 x 200 regions take ~8 minutes after the ~12-minute bootstrap, inside the 30-minute budget.
-    regions_per_round: int = 200
+    # Measured on 2 CPU cores (2026-11-27, default recipe): the stack decides ~57 regions/min on the
+    # base policy and ~42 with a LoRA adapter active (describe 8 samples, ground every phrase with the
+    # policy); a DPO round on 200 pairs takes ~2.5 min. 2 x 200 regions took 27.5 min with the 11-minute
+    # bootstrap; 2 x 120 keeps a fresh install (~5 min) plus the run inside the 30-minute budget.
+    regions_per_round: int = 120
     samples: int = 8
     temperature: float = 1.0
     max_new_tokens: int = 40
