@@ -335,25 +335,25 @@ class Describer:
     ) -> describer_pb2.DescriptionRecord:
         """The Kafka record of a region this describer could not describe: no candidates, the error,
         and the lineage it would have had (run id, model), so the pair builder's decision keeps it."""
-        lineage = common_pb2.Lineage(
+        lineage = self._lineage()
+        lineage.sampler_version = region.sampler_version
+        return describer_pb2.DescriptionRecord(region=region, lineage=lineage, error=error)
+
+    def _lineage(self, adapter_version: str = "", template_id: str = "") -> common_pb2.Lineage:
+        """This describer's part of a record's lineage."""
+        return common_pb2.Lineage(
             policy_model_id=self.settings.policy_model_id,
+            adapter_version=adapter_version,
+            prompt_template_id=template_id,
             run_id=self.settings.run_id,
             code_version=self._code_version,
-            sampler_version=region.sampler_version,
         )
-        return describer_pb2.DescriptionRecord(region=region, lineage=lineage, error=error)
 
     # --- step 6: parsing into candidates -----------------------------------------------------------
 
     def build(self, prepared: PreparedRegion, output: PolicyOutput) -> Description:
         """Candidates with mentions in full-image pixels, and the lineage of the call."""
-        lineage = common_pb2.Lineage(
-            policy_model_id=self.settings.policy_model_id,
-            adapter_version=output.adapter_version,
-            prompt_template_id=prepared.template.template_id,
-            run_id=self.settings.run_id,
-            code_version=self._code_version,
-        )
+        lineage = self._lineage(output.adapter_version, prepared.template.template_id)
         candidates = [
             self._candidate(prepared, output, index, lineage.adapter_version)
             for index in range(len(output.texts))

@@ -38,10 +38,6 @@ def stage_spec(
     def describe(region: common_pb2.Region, deadline: float) -> describer_pb2.DescriptionRecord:
         return describer.describe_region_record(region, deadline=deadline)
 
-    def failed(region: common_pb2.Region, error: common_pb2.ErrorInfo) -> describer_pb2.DescriptionRecord:
-        # Downstream must learn of the region: without this record it would never get a decision.
-        return describer.failure_record(region, error)
-
     return StageSpec(
         name=STAGE_NAME,
         input=Topic(settings.regions_topic, common_pb2.Region),
@@ -50,7 +46,7 @@ def stage_spec(
         group_id=settings.group_id,
         handle=describe,
         key=region_key,
-        on_failure=failed,
+        on_failure=describer.failure_record,  # without it the region would never get a decision
     )
 
 

@@ -421,7 +421,7 @@ def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
         "--service-threads",
         type=int,
         default=defaults.service_threads,
-        help="math threads of Triton and of each stage process (0: one per core each)",
+        help="math threads of Triton, each stage, the trainer and the evaluation (0: one per core each)",
     )
     args = parser.parse_args(argv)
     return MainJobConfig(
