@@ -103,7 +103,8 @@ def test_publication_during_continuous_requests(
     tmp_path: Path,
 ) -> None:
     server, describer, store = stack
-    responses: list[tuple[float, str, str]] = []  # (request start time, adapter version, text)
+    # (request start, response receipt, adapter version, text)
+    responses: list[tuple[float, float, str, str]] = []
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -112,11 +113,10 @@ def test_publication_during_continuous_requests(
             stub = describer_pb2_grpc.DescriberStub(channel)
             while not stop.is_set():
                 try:
-                    # Stamped with the request's start: a request sent on the base before the switch
-                    # may still stream its answer after another request's first new-version answer.
                     started = time.monotonic()
                     for r in stub.DescribeRegion(_request(), timeout=60):
-                        responses.append((started, r.lineage.adapter_version, r.candidate.text))
+                        version, text = r.lineage.adapter_version, r.candidate.text
+                        responses.append((started, time.monotonic(), version, text))
                 except BaseException as exc:  # any failed request fails the test
                     errors.append(exc)
                     return
@@ -135,7 +135,7 @@ def test_publication_during_continuous_requests(
         published = time.monotonic()
         move_alias(producer, "latest", manifest.version, reason="test")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(v == manifest.version for _, v, _ in responses):
+    while time.monotonic() < deadline and not any(v == manifest.version for _, _, v, _ in responses):
         time.sleep(0.05)
     time.sleep(1.0)  # and keep going on the new adapter for a while
     stop.set()
@@ -143,14 +143,16 @@ def test_publication_during_continuous_requests(
         t.join(60)
 
     assert errors == []
-    versions = [v for _, v, _ in responses]
+    versions = [v for _, _, v, _ in responses]
     assert set(versions) == {"", manifest.version}, set(versions)
-    switched = [t for t, v, _ in responses if v == manifest.version]
-    assert min(switched) - published < 10.0
-    # every request sent after the first one served by the new version is served by it too
-    after = [(v, text) for t, v, text in responses if t > min(switched)]
+    first_new_answer = min(received for _, received, v, _ in responses if v == manifest.version)
+    assert first_new_answer - published < 10.0
+    # Once a new-version answer has arrived the server has switched, so every request sent after it
+    # is served by the new version. (Neither start times nor receipt times alone order requests: a
+    # request sent before the switch may be resolved after it, and a base answer may stream late.)
+    after = [(v, text) for started, _, v, text in responses if started > first_new_answer]
     assert after, "requests went on after the switch"
     assert all(v == manifest.version for v, _ in after), "no request falls back once switched"
     expected = _direct_peft_text(tiny_qwen25, store.path_of(manifest.version), describer)
     assert {text for _, text in after} == {expected}
-    assert {text for _, v, text in responses if v == ""} != {expected}
+    assert {text for _, _, v, text in responses if v == ""} != {expected}
