@@ -34,6 +34,7 @@ from services.bootstrap.clip import ClipRecipe, train_clip
 from services.bootstrap.data import Example, describe_examples, rec_examples
 from services.bootstrap.recipe import PolicyRecipe, build_model, build_processor, parameter_count
 from services.bootstrap.train import Encoded, TrainLog, encode, train
+from services.bootstrap.vision_pretrain import Scene, SceneObject, pretrain_vision_tower
 from services.core.boxes import AnnotatedBox, Box
 from services.core.formats import CoordinateFormat
 from services.evaluation.datasets import read_spr_rec
@@ -195,6 +196,8 @@ def _build(recipe: PolicyRecipe, out: Path, say: Callable[[str], None], device: 
         "train_seconds": round(log.seconds, 1),
         "device": device,  # not in the fingerprint: any device's training of the recipe is a valid entry
         "losses": log.losses,
+        "vision_pretrain_seconds": round(log.vision_seconds, 1),
+        "vision_pretrain_losses": log.vision_losses,
         "parameters": parameter_count(model),
     }
 
@@ -206,6 +209,7 @@ def train_policy(
     torch.manual_seed(recipe.seed)
     processor = build_processor(recipe)
     model = build_model(recipe, processor)
+    vision_log, vision_seconds = pretrain_vision(model, processor, world, recipe, say, log_every)
     rec, describe = training_data(world, processor, recipe)
     say(
         f"policy: {type(model).__name__}, {parameter_count(model) / 1e6:.2f}M parameters; "
@@ -213,7 +217,56 @@ def train_policy(
     )
     on_log = lambda s, v: say(f"step {s}: loss {v:.3f}")  # noqa: E731
     log = train(model, processor, rec, describe, recipe, on_log=on_log, log_every=log_every, device=device)
+    log.vision_losses, log.vision_seconds = vision_log, vision_seconds
     return model, processor, log
+
+
+def pretrain_vision(
+    model: Any,
+    processor: Any,
+    world: WorldFiles,
+    recipe: PolicyRecipe,
+    say: Callable[[str], None],
+    log_every: int,
+) -> tuple[list[tuple[int, float]], float]:
+    """The vision tower's dense grounding pretraining on the training scenes, then its freezing for SFT
+    when the recipe says so. Returns the pretraining's (step, loss) log and its seconds."""
+    log: list[tuple[int, float]] = []
+    start = time.perf_counter()
+    if recipe.vision_pretrain_steps > 0:
+        scenes = training_scenes(world)
+        steps = recipe.vision_pretrain_steps
+        say(f"vision tower: dense grounding pretraining on {len(scenes)} scenes, {steps} steps")
+        log = pretrain_vision_tower(
+            model.model.vision_tower,
+            processor.image_processor,
+            scenes,
+            recipe.image_size // recipe.patch_size,
+            steps=steps,
+            batch_size=recipe.vision_pretrain_batch_size,
+            learning_rate=recipe.vision_pretrain_learning_rate,
+            seed=recipe.seed,
+            on_log=lambda s, v: say(f"vision step {s}: loss {v:.3f}"),
+            log_every=log_every,
+        )
+    if recipe.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+    return log, time.perf_counter() - start
+
+
+def training_scenes(world: WorldFiles) -> list[Scene]:
+    """Every training-split image with its annotated objects in drawing order (held-out images excluded)."""
+    train_paths = {s.image_path for s in read_spr_rec(world.rec["train"])}
+    coco = json.loads(world.annotations.read_text())
+    folder = world.annotations.parent
+    path_of = {image["id"]: str(folder / image["file_name"]) for image in coco["images"]}
+    objects: dict[str, list[SceneObject]] = {path: [] for path in train_paths}
+    for ann in sorted(coco["annotations"], key=lambda a: a["id"]):  # ids follow drawing order
+        path = path_of[ann["image_id"]]
+        if path in objects:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            objects[path].append(SceneObject((x, y, x + w, y + h), ann["attributes"]))
+    return [Scene(_load(path), tuple(found)) for path, found in sorted(objects.items())]
 
 
 def training_data(
@@ -268,6 +321,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--world-seed", type=int, default=defaults.world_seed)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="training seed")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument(
+        "--vision-steps",
+        type=int,
+        default=defaults.vision_pretrain_steps,
+        help="the vision tower's dense grounding pretraining steps before SFT (0: none)",
+    )
     parser.add_argument("--force", action="store_true", help="train again even when cached")
     parser.add_argument(
         "--device", default="cpu", help="where to train (cpu, cuda); the result is saved for CPU"
@@ -290,6 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         world_seed=args.world_seed,
         seed=args.seed,
         batch_size=args.batch_size,
+        vision_pretrain_steps=args.vision_steps,
         warmup_steps=min(PolicyRecipe().warmup_steps, max(args.steps // 10, 1)),
     )
     if args.threads:

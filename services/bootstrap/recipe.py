@@ -61,6 +61,16 @@ class PolicyRecipe:
     # generalises to its neighbours from step 0 instead of each of the 1000 numbers being learned alone.
     # Off by default: with the knobs below it showed no gain in 600-900 steps (2-4 % Acc@0.5, README).
     number_init: bool = False
+    # Dense grounding pretraining of the vision tower before SFT (`services.bootstrap.vision_pretrain`):
+    # each patch learns the box and attributes of the object under it. Without it the policy ignored the
+    # image for the whole SFT (loss unchanged with the images shuffled); with it, 250 SFT steps on
+    # one-object scenes reached 20 % Acc@0.5 instead of 0 (~0.13 s a step on 2 cores).
+    vision_pretrain_steps: int = 1000
+    vision_pretrain_batch_size: int = 64
+    vision_pretrain_learning_rate: float = 2e-3
+    # Keep the pretrained tower frozen during SFT, as LLaVA-1.5 does: the language model's early, random
+    # gradients would otherwise wash out what the tower learned before the model can use it.
+    freeze_vision: bool = True
     # SFT
     # ~0.9 s/step on 2 cores: 750 steps keep the bootstrap near 12 minutes. At 1500 steps the policy
     # was no better (1.9-2.5 % Acc@0.5: both sit at the box prior, see README).
@@ -75,9 +85,9 @@ class PolicyRecipe:
     world_seed: int = 0
     world_images: int = 2000
     world_max_objects: int = 5
-    # Extra one-object training scenes (held-out scenes are drawn without them; `generate_world`).
-    # Off by default for the same reason as `number_init`.
-    world_single_object_share: float = 0.0
+    # Extra one-object training scenes (held-out scenes are drawn without them; `generate_world`): where
+    # an object is, before telling look-alikes apart. Measured together with the vision pretraining.
+    world_single_object_share: float = 0.3
     test_fraction: float = 0.3
 
     def fingerprint(self, extra: str = "") -> str:

@@ -34,6 +34,8 @@ class Encoded:
 class TrainLog:
     seconds: float = 0.0
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since last entry)
+    vision_seconds: float = 0.0  # the vision tower's pretraining before SFT, when the recipe has one
+    vision_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
 def encode(processor: Any, image_tokens: int, example: Example) -> Encoded:

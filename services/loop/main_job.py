@@ -86,6 +86,7 @@ class MainJobConfig:
     run_id: str = "main"
     bootstrap_steps: int = 0  # 0 = the recipe's
     bootstrap_images: int = 0  # 0 = the recipe's
+    bootstrap_vision_steps: int = -1  # the vision tower's pretraining steps (-1 = the recipe's, 0 = none)
     trainer_args: tuple[str, ...] = ()
     round_timeout_s: float = 1200.0
     # Math threads of every process once the stack runs: Triton's policy, each stage, the trainer and
@@ -109,6 +110,8 @@ def recipe_of(cfg: MainJobConfig) -> PolicyRecipe:
         recipe = replace(recipe, steps=cfg.bootstrap_steps)
     if cfg.bootstrap_images:
         recipe = replace(recipe, world_images=cfg.bootstrap_images)
+    if cfg.bootstrap_vision_steps >= 0:
+        recipe = replace(recipe, vision_pretrain_steps=cfg.bootstrap_vision_steps)
     return recipe
 
 
@@ -416,6 +419,12 @@ def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
     parser.add_argument("--broker", choices=["noida", "tansu"], default=defaults.broker)
     parser.add_argument("--bootstrap-steps", type=int, default=0, help="SFT steps (0 = the recipe's)")
     parser.add_argument("--bootstrap-images", type=int, default=0, help="world size (0 = the recipe's)")
+    parser.add_argument(
+        "--bootstrap-vision-steps",
+        type=int,
+        default=-1,
+        help="vision tower pretraining steps before SFT (-1 = the recipe's, 0 = none)",
+    )
     parser.add_argument("--trainer-arg", action="append", default=[], help="passed to spr-trainer once")
     parser.add_argument(
         "--service-threads",
@@ -436,6 +445,7 @@ def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
         broker=args.broker,
         bootstrap_steps=args.bootstrap_steps,
         bootstrap_images=args.bootstrap_images,
+        bootstrap_vision_steps=args.bootstrap_vision_steps,
         trainer_args=tuple(a for arg in args.trainer_arg for a in arg.split()),
         service_threads=args.service_threads,
     )

@@ -24,7 +24,15 @@ from services.policy.runner import PolicyRunner, chat_prompt
 from services.scorers.semantic.backends import load_torch_encoder
 from services.world.build import SPLITS, WorldFiles
 
-SMOKE = PolicyRecipe(steps=3, batch_size=8, warmup_steps=1, world_images=24, test_fraction=0.25)
+SMOKE = PolicyRecipe(
+    steps=3,
+    batch_size=8,
+    warmup_steps=1,
+    world_images=24,
+    test_fraction=0.25,
+    vision_pretrain_steps=2,
+    vision_pretrain_batch_size=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +72,7 @@ def test_fingerprint_covers_steps_and_world() -> None:
 
 def test_cli_trains_then_hits_the_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--cache", str(tmp_path), "--steps", "2", "--images", "16", "--batch-size", "4"]
-    args += ["--clip", "--clip-steps", "2"]
+    args += ["--vision-steps", "2", "--clip", "--clip-steps", "2"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "trained in" in printed and "\ttrained; held-out top-1 retrieval" in printed

@@ -32,6 +32,7 @@ def test_one_round_on_a_tiny_world_publishes_serves_and_evaluates(
         "--eval-limit", "24",
         "--bootstrap-steps", "12",
         "--bootstrap-images", "40",
+        "--bootstrap-vision-steps", "4",
         "--trainer-arg", trainer,
     ]  # fmt: skip
     assert main(argv) == 0
