@@ -74,7 +74,8 @@ class MainJobConfig:
     # Measured on 2 CPU cores (2026-11-27, default recipe): the stack decides ~57 regions/min on the
     # base policy and ~42 with a LoRA adapter active (describe 8 samples, ground every phrase with the
     # policy); a DPO round on 200 pairs takes ~2.5 min. 2 x 200 regions took 27.5 min with the 11-minute
-    # bootstrap; 2 x 120 keeps a fresh install (~5 min) plus the run inside the 30-minute budget.
+    # bootstrap; 2 x 120 keeps a fresh install (~5 min) plus the run inside the 30-minute budget (with the
+    # vision-pretrained bootstrap, 740 s, the default run took 21.5 min).
     regions_per_round: int = 120
     samples: int = 8
     temperature: float = 1.0
