@@ -118,12 +118,12 @@ def answer_loss(
     return -(smoothing.targets(flat_labels[keep]) * log_probs).sum(-1).mean()
 
 
-def _lr_factor(step: int, recipe: PolicyRecipe) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
-    if step < recipe.warmup_steps:
-        return (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(recipe.steps - recipe.warmup_steps, 1)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
+    """Learning-rate factor: linear warm-up over `warmup` steps, then cosine decay to `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def train(
@@ -144,7 +144,9 @@ def train(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.learning_rate, betas=(0.9, 0.98), weight_decay=recipe.weight_decay
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, recipe.warmup_steps, recipe.steps, floor=0.1)
+    )
     model.to(device)
     model.train()
     log, running, start = TrainLog(), [], time.perf_counter()

@@ -17,7 +17,6 @@ Only the vision tower's own weights change, so the policy keeps its stock archit
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from services.bootstrap.train import warmup_cosine
 from services.world.scenes import COLORS, SHAPES, TEXTURES
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "texture": TEXTURES}
@@ -130,7 +130,8 @@ def pretrain_vision_tower(
     heads = DenseHeads(int(config.hidden_size))
     parameters = list(vision_tower.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, betas=(0.9, 0.98), weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps))
+    warmup = max(steps // 10, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, steps))
     targets = [patch_targets(scene, grid) for scene in scenes]
     vision_tower.train()
     log: list[tuple[int, float]] = []
@@ -154,11 +155,3 @@ def pretrain_vision_tower(
                 on_log(*log[-1])
     vision_tower.eval()
     return log
-
-
-def _lr_factor(step: int, steps: int) -> float:
-    """Linear warm-up over the first tenth, then cosine decay to zero."""
-    warmup = max(steps // 10, 1)
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
