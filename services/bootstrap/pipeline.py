@@ -37,7 +37,7 @@ from services.bootstrap.train import Encoded, TrainLog, encode, train
 from services.bootstrap.vision_pretrain import Scene, SceneObject, pretrain_vision_tower
 from services.core.boxes import AnnotatedBox, Box
 from services.core.formats import CoordinateFormat
-from services.evaluation.datasets import read_spr_rec
+from services.evaluation.datasets import RecSample, read_spr_rec
 from services.world.build import SPLITS, WorldFiles, build_world
 from services.world.scenes import SceneConfig, object_phrase
 
@@ -209,8 +209,9 @@ def train_policy(
     torch.manual_seed(recipe.seed)
     processor = build_processor(recipe)
     model = build_model(recipe, processor)
-    vision_log, vision_seconds = pretrain_vision(model, processor, world, recipe, say, log_every)
-    rec, describe = training_data(world, processor, recipe)
+    split = training_split(world)
+    vision_log, vision_seconds = pretrain_vision(model, processor, split, recipe, say, log_every)
+    rec, describe = training_data(split, processor, recipe)
     say(
         f"policy: {type(model).__name__}, {parameter_count(model) / 1e6:.2f}M parameters; "
         f"{len(rec)} REC and {len(describe)} description examples; {recipe.steps} steps"
@@ -224,7 +225,7 @@ def train_policy(
 def pretrain_vision(
     model: Any,
     processor: Any,
-    world: WorldFiles,
+    split: TrainingSplit,
     recipe: PolicyRecipe,
     say: Callable[[str], None],
     log_every: int,
@@ -234,7 +235,7 @@ def pretrain_vision(
     log: list[tuple[int, float]] = []
     start = time.perf_counter()
     if recipe.vision_pretrain_steps > 0:
-        scenes = training_scenes(world)
+        scenes = training_scenes(split)
         steps = recipe.vision_pretrain_steps
         say(f"vision tower: dense grounding pretraining on {len(scenes)} scenes, {steps} steps")
         log = pretrain_vision_tower(
@@ -254,33 +255,42 @@ def pretrain_vision(
     return log, time.perf_counter() - start
 
 
-def training_scenes(world: WorldFiles) -> list[Scene]:
-    """Every training-split image with its annotated objects in drawing order (held-out images excluded)."""
-    train_paths = {s.image_path for s in read_spr_rec(world.rec["train"])}
+@dataclass(frozen=True)
+class TrainingSplit:
+    """The world's training split, read and decoded once for every stage that trains on it."""
+
+    samples: list[RecSample]
+    coco: dict[str, Any]
+    folder: Path
+    images: dict[str, Image.Image]  # path -> RGB image
+
+
+def training_split(world: WorldFiles) -> TrainingSplit:
+    samples = read_spr_rec(world.rec["train"])
     coco = json.loads(world.annotations.read_text())
-    folder = world.annotations.parent
-    path_of = {image["id"]: str(folder / image["file_name"]) for image in coco["images"]}
-    objects: dict[str, list[SceneObject]] = {path: [] for path in train_paths}
-    for ann in sorted(coco["annotations"], key=lambda a: a["id"]):  # ids follow drawing order
+    images = {path: _load(path) for path in sorted({s.image_path for s in samples})}
+    return TrainingSplit(samples, coco, world.annotations.parent, images)
+
+
+def training_scenes(split: TrainingSplit) -> list[Scene]:
+    """Every training image with its annotated objects in drawing order (held-out images excluded)."""
+    path_of = {image["id"]: str(split.folder / image["file_name"]) for image in split.coco["images"]}
+    objects: dict[str, list[SceneObject]] = {path: [] for path in split.images}
+    for ann in sorted(split.coco["annotations"], key=lambda a: a["id"]):  # ids follow drawing order
         path = path_of[ann["image_id"]]
         if path in objects:
             x, y, w, h = (float(v) for v in ann["bbox"])
             objects[path].append(SceneObject((x, y, x + w, y + h), ann["attributes"]))
-    return [Scene(_load(path), tuple(found)) for path, found in sorted(objects.items())]
+    return [Scene(split.images[path], tuple(found)) for path, found in sorted(objects.items())]
 
 
 def training_data(
-    world: WorldFiles, processor: Any, recipe: PolicyRecipe
+    split: TrainingSplit, processor: Any, recipe: PolicyRecipe
 ) -> tuple[list[Encoded], list[Encoded]]:
     """Encoded REC and region-description examples of the world's training images."""
-    samples = read_spr_rec(world.rec["train"])
-    coco = json.loads(world.annotations.read_text())
-    folder = world.annotations.parent
-    train_paths = {s.image_path for s in samples}
-    images = {path: _load(path) for path in sorted(train_paths)}
-    objects, phrases = _objects(coco, folder, train_paths)
-    rec = rec_examples(samples, FORMAT, images)
-    describe = describe_examples(objects, images, phrases, per_image=2, seed=recipe.seed)
+    objects, phrases = _objects(split.coco, split.folder, set(split.images))
+    rec = rec_examples(split.samples, FORMAT, split.images)
+    describe = describe_examples(objects, split.images, phrases, per_image=2, seed=recipe.seed)
     return _encode_all(processor, recipe, rec), _encode_all(processor, recipe, describe)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from services.bootstrap.pipeline import pretrain_vision, training_scenes
+from services.bootstrap.pipeline import pretrain_vision, training_scenes, training_split
 from services.bootstrap.recipe import PolicyRecipe, build_model, build_processor
 from services.bootstrap.vision_pretrain import IGNORE, Scene, SceneObject, patch_targets
 from services.world.build import build_world
@@ -35,14 +35,15 @@ def test_each_patch_targets_the_frontmost_object_under_its_centre() -> None:
 
 def test_pretraining_teaches_the_tower_alone_then_freezes_it(tmp_path: Path) -> None:
     world = build_world(tmp_path / "world", 48, seed=3, cfg=SceneConfig(max_objects=3), test_fraction=0.25)
-    scenes = training_scenes(world)
+    split = training_split(world)
+    scenes = training_scenes(split)
     assert len(scenes) == 36 and all(s.objects for s in scenes)
     recipe = replace(PolicyRecipe(), vision_pretrain_steps=60, vision_pretrain_batch_size=8)
     torch.manual_seed(0)
     processor = build_processor(recipe)
     model = build_model(recipe, processor)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    log, seconds = pretrain_vision(model, processor, world, recipe, lambda _: None, log_every=10)
+    log, seconds = pretrain_vision(model, processor, split, recipe, lambda _: None, log_every=10)
     assert seconds > 0 and len(log) == 6
     assert log[-1][1] < 0.7 * log[0][1], log  # the dense loss falls clearly
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
