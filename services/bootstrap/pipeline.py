@@ -32,9 +32,10 @@ from PIL import Image
 
 from services.bootstrap.clip import ClipRecipe, train_clip
 from services.bootstrap.data import Example, describe_examples, rec_examples
+from services.bootstrap.grounder import GrounderRecipe, train_grounder
 from services.bootstrap.recipe import PolicyRecipe, build_model, build_processor, parameter_count
 from services.bootstrap.train import Encoded, TrainLog, encode, train
-from services.bootstrap.vision_pretrain import Scene, SceneObject, pretrain_vision_tower
+from services.bootstrap.vision_pretrain import Scene, pretrain_vision_tower, scenes_of
 from services.core.boxes import AnnotatedBox, Box
 from services.core.formats import CoordinateFormat
 from services.evaluation.datasets import RecSample, read_spr_rec
@@ -140,9 +141,38 @@ def bootstrap_clip(
     say: Callable[[str], None] = lambda _: None,
 ) -> tuple[Path, bool, dict[str, Any]]:
     """The semantic scorer's CLIP-architecture model trained on `world` (cached): folder, hit, manifest."""
+    return _bootstrap_scorer_model(recipe, world, train_clip, root, force, say)
+
+
+def bootstrap_grounder(
+    recipe: GrounderRecipe,
+    world: WorldFiles,
+    root: str | Path | None = None,
+    *,
+    force: bool = False,
+    say: Callable[[str], None] = lambda _: None,
+) -> tuple[Path, bool, dict[str, Any]]:
+    """The localization scorer's OWLv2-architecture grounder trained on `world` (cached): folder, hit,
+    manifest."""
+    return _bootstrap_scorer_model(recipe, world, train_grounder, root, force, say)
+
+
+def _bootstrap_scorer_model(
+    recipe: Any,
+    world: WorldFiles,
+    train_model: Callable[[Any, WorldFiles, Path, Callable[[str], None]], dict[str, Any]],
+    root: str | Path | None,
+    force: bool,
+    say: Callable[[str], None],
+) -> tuple[Path, bool, dict[str, Any]]:
     target = cache_root(root) / f"{recipe.name}-{recipe.fingerprint(world, _sources_digest())}"
-    from_cache, _ = cached_build(target, lambda out: train_clip(recipe, world, out, say), force)
+    from_cache, _ = cached_build(target, lambda out: train_model(recipe, world, out, say), force)
     return target, from_cache, json.loads((target / MANIFEST).read_text())
+
+
+def world_files(result: Bootstrapped) -> WorldFiles:
+    """The world a bootstrap was trained on, as the scorer-model trainings read it."""
+    return WorldFiles(result.world / "annotations.json", {s: result.world / f"rec_{s}.json" for s in SPLITS})
 
 
 def cached_build(target: Path, build: Callable[[Path], dict[str, Any]], force: bool) -> tuple[bool, float]:
@@ -274,14 +304,7 @@ def training_split(world: WorldFiles) -> TrainingSplit:
 
 def training_scenes(split: TrainingSplit) -> list[Scene]:
     """Every training image with its annotated objects in drawing order (held-out images excluded)."""
-    path_of = {image["id"]: str(split.folder / image["file_name"]) for image in split.coco["images"]}
-    objects: dict[str, list[SceneObject]] = {path: [] for path in split.images}
-    for ann in sorted(split.coco["annotations"], key=lambda a: a["id"]):  # ids follow drawing order
-        path = path_of[ann["image_id"]]
-        if path in objects:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-            objects[path].append(SceneObject((x, y, x + w, y + h), ann["attributes"]))
-    return [Scene(split.images[path], tuple(found)) for path, found in sorted(objects.items())]
+    return scenes_of(split.coco, split.folder, split.images)
 
 
 def training_data(
@@ -345,6 +368,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clip", action="store_true", help="also train the semantic scorer's CLIP model")
     parser.add_argument("--clip-steps", type=int, default=ClipRecipe().steps)
     parser.add_argument(
+        "--grounder", action="store_true", help="also train the localization scorer's OWLv2 grounder"
+    )
+    parser.add_argument("--grounder-steps", type=int, default=GrounderRecipe().steps)
+    parser.add_argument(
         "--eval", type=int, default=0, metavar="N", help="then score REC on N held-out expressions"
     )
     return parser.parse_args(argv)
@@ -370,13 +397,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"policy\t{result.policy}\t{state} in {result.seconds:.1f}s")
     print(f"rec_test\t{result.rec_test}")
     if args.clip:
-        world = WorldFiles(
-            result.world / "annotations.json", {s: result.world / f"rec_{s}.json" for s in SPLITS}
-        )
         clip_recipe = replace(ClipRecipe(), steps=args.clip_steps)
-        folder, hit, manifest = bootstrap_clip(clip_recipe, world, args.cache, force=args.force, say=say)
+        folder, hit, manifest = bootstrap_clip(
+            clip_recipe, world_files(result), args.cache, force=args.force, say=say
+        )
         state = "cached" if hit else "trained"
         print(f"clip\t{folder}\t{state}; held-out top-1 retrieval {manifest['retrieval_top1']:.1%}")
+    if args.grounder:
+        grounder_recipe = replace(GrounderRecipe(), steps=args.grounder_steps)
+        folder, hit, manifest = bootstrap_grounder(
+            grounder_recipe, world_files(result), args.cache, force=args.force, say=say
+        )
+        state = "cached" if hit else "trained"
+        print(f"grounder\t{folder}\t{state}; held-out grounding Acc@0.5 {manifest['grounding_acc50']:.1%}")
     if args.eval:
         from services.evaluation.cli import evaluate_paths
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +63,19 @@ class PatchTargets:
             torch.stack([t.boxes for t in targets]),
             {name: torch.stack([t.attributes[name] for t in targets]) for name in ATTRIBUTES},
         )
+
+
+def scenes_of(coco: dict[str, Any], folder: Path, images: dict[str, Image.Image]) -> list[Scene]:
+    """The scenes of `images` (path -> RGB image, paths as `folder / file_name`) with their annotated
+    objects in drawing order, sorted by path."""
+    path_of = {image["id"]: str(folder / image["file_name"]) for image in coco["images"]}
+    objects: dict[str, list[SceneObject]] = {path: [] for path in images}
+    for ann in sorted(coco["annotations"], key=lambda a: a["id"]):  # ids follow drawing order
+        path = path_of[ann["image_id"]]
+        if path in objects:
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            objects[path].append(SceneObject((x, y, x + w, y + h), ann["attributes"]))
+    return [Scene(images[path], tuple(found)) for path, found in sorted(objects.items())]
 
 
 def patch_targets(scene: Scene, grid: int) -> PatchTargets:

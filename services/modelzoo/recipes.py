@@ -295,12 +295,12 @@ def build_grounding_dino(out: Path) -> None:
     processor.save_pretrained(out)
 
 
-def _clip_text(tokenizer: Any, layers: int) -> dict[str, Any]:
+def _clip_text(tokenizer: Any, layers: int, width: int = 32) -> dict[str, Any]:
     """A CLIP-family text tower sized for `tokenizer` (its eos id is the pooled token, as in CLIP)."""
     return {
         "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
         "num_hidden_layers": layers,
         "num_attention_heads": 2,
         "max_position_embeddings": tokenizer.model_max_length,
@@ -310,10 +310,10 @@ def _clip_text(tokenizer: Any, layers: int) -> dict[str, Any]:
     }
 
 
-def _vit(image_size: int, patch_size: int, layers: int) -> dict[str, Any]:
+def _vit(image_size: int, patch_size: int, layers: int, width: int = 32) -> dict[str, Any]:
     return {
-        "hidden_size": 32,
-        "intermediate_size": 64,
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
         "num_hidden_layers": layers,
         "num_attention_heads": 2,
         "image_size": image_size,
@@ -321,13 +321,14 @@ def _vit(image_size: int, patch_size: int, layers: int) -> dict[str, Any]:
     }
 
 
-def build_owlv2(out: Path) -> None:
-    """Owlv2ForObjectDetection: 96 px images, patch 16 (36 box predictions), 1-layer towers."""
+def build_owlv2(out: Path, *, patch_size: int = 16, width: int = 32, layers: int = 1) -> None:
+    """Owlv2ForObjectDetection: 96 px images, patch 16 (36 box predictions), 1-layer towers by default
+    (the world's grounder, `services.bootstrap.grounder`, asks for a finer grid and deeper towers)."""
     tokenizer = tok.build_clip_tokenizer(model_max_length=16)
     config = Owlv2Config(
-        text_config=_clip_text(tokenizer, layers=1),
-        vision_config=_vit(96, 16, layers=1),
-        projection_dim=32,
+        text_config=_clip_text(tokenizer, layers=layers, width=width),
+        vision_config=_vit(96, patch_size, layers=layers, width=width),
+        projection_dim=width,
     )
     image_processor = Owlv2ImageProcessorPil(size={"height": 96, "width": 96})
     Owlv2ForObjectDetection(config).save_pretrained(out)

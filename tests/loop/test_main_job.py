@@ -33,11 +33,13 @@ def test_one_round_on_a_tiny_world_publishes_serves_and_evaluates(
         "--bootstrap-steps", "12",
         "--bootstrap-images", "40",
         "--bootstrap-vision-steps", "4",
+        "--grounder-steps", "3",
         "--trainer-arg", trainer,
     ]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     work = tmp_path / "work"
+    assert "world grounder (trained now" in out
     assert "decided 6/6 regions" in out
     assert "published spr-v1-" in out, out[-3000:]
     results = json.loads((work / "rec_results.json").read_text())
