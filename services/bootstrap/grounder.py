@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from services.bootstrap.train import warmup_cosine
+from services.bootstrap.train import fit_steps, warmup_cosine
 from services.bootstrap.vision_pretrain import (
     ATTRIBUTES,
     IGNORE,
@@ -261,26 +261,19 @@ def _fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, recipe.steps))
     model.train()
     start = time.perf_counter()
-    running: list[float] = []
-    log: list[tuple[int, float]] = []
-    for step in range(recipe.steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         batch = rng.sample(scenes, min(recipe.batch_size, len(scenes)))
         targets = [grounding_targets(s, grid, recipe.queries_per_image, vocabulary, rng) for s in batch]
         outputs = model(
             pixel_values=batcher.images([s.image for s in batch]),
             **batcher.queries([t.queries for t in targets]),
         )
-        loss = grounding_loss(outputs, targets)
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        running.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
-            log.append((step + 1, sum(running) / len(running)))
-            running = []
-            say(f"grounder step {step + 1}: loss {log[-1][1]:.3f}")
+        return grounding_loss(outputs, targets)
+
+    on_log = lambda s, v: say(f"grounder step {s}: loss {v:.3f}")  # noqa: E731
+    parameters = list(model.parameters())
+    log = fit_steps(loss_at, parameters, optimizer, schedule, recipe.steps, log_every, on_log)
     return log, time.perf_counter() - start
 
 

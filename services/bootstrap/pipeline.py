@@ -2,6 +2,7 @@
 
     spr-bootstrap                      # the default recipe; prints the policy folder
     spr-bootstrap --steps 20 --images 60 --eval 200
+    spr-bootstrap --grounder --clip    # also the scorers' world models (OWLv2 grounder, CLIP)
 
 The result lives in `<root>/<recipe name>-<fingerprint>/` (`world/`, `policy/`, `spr-bootstrap.json`),
 root being `--cache`, else `$SPR_BOOTSTRAP_CACHE`, else `~/.cache/spr/bootstrap`. The fingerprint covers

@@ -126,6 +126,35 @@ def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> flo
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def fit_steps(
+    loss_at: Callable[[int], torch.Tensor],
+    parameters: Sequence[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    steps: int,
+    log_every: int,
+    on_log: Callable[[int, float], None] | None = None,
+) -> list[tuple[int, float]]:
+    """`steps` optimizer steps on the loss `loss_at(step)` builds, gradients clipped to norm 1 (every
+    bootstrap training: vision tower, SFT, grounder). Returns the mean loss of each `log_every` steps."""
+    log: list[tuple[int, float]] = []
+    running: list[float] = []
+    for step in range(steps):
+        loss = loss_at(step)
+        loss.backward()  # type: ignore[no-untyped-call]
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        running.append(loss.item())
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            log.append((step + 1, sum(running) / len(running)))
+            running = []
+            if on_log is not None:
+                on_log(*log[-1])
+    return log
+
+
 def train(
     model: torch.nn.Module,
     processor: Any,
@@ -149,26 +178,19 @@ def train(
     )
     model.to(device)
     model.train()
-    log, running, start = TrainLog(), [], time.perf_counter()
-    for step in range(recipe.steps):
+    start = time.perf_counter()
+
+    def loss_at(step: int) -> torch.Tensor:
         pool = rec if (rng.random() < recipe.rec_share or not describe) else describe
         batch = {
             k: v.to(device)
             for k, v in collate(processor, rng.sample(pool, min(recipe.batch_size, len(pool)))).items()
         }
-        loss = answer_loss(model, batch, smoothing)
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        running.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
-            mean = sum(running) / len(running)
-            log.losses.append((step + 1, mean))
-            running = []
-            if on_log is not None:
-                on_log(step + 1, mean)
+        return answer_loss(model, batch, smoothing)
+
+    log = TrainLog()
+    parameters = list(model.parameters())
+    log.losses = fit_steps(loss_at, parameters, optimizer, schedule, recipe.steps, log_every, on_log)
     model.to("cpu")
     model.eval()
     log.seconds = time.perf_counter() - start

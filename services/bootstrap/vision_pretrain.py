@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from services.bootstrap.train import warmup_cosine
+from services.bootstrap.train import fit_steps, warmup_cosine
 from services.world.scenes import COLORS, SHAPES, TEXTURES
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "texture": TEXTURES}
@@ -148,24 +148,14 @@ def pretrain_vision_tower(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, steps))
     targets = [patch_targets(scene, grid) for scene in scenes]
     vision_tower.train()
-    log: list[tuple[int, float]] = []
-    running: list[float] = []
-    for step in range(steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         batch = rng.sample(range(len(scenes)), min(batch_size, len(scenes)))
         pixels = image_processor([scenes[i].image for i in batch], return_tensors="pt")["pixel_values"]
         # The patch features the MLLM reads: the last encoder layer, class token dropped ("default").
         features = vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]
-        loss = heads.loss(features, PatchTargets.stack([targets[i] for i in batch]))
-        loss.backward()  # type: ignore[no-untyped-call]
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        running.append(loss.item())
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            log.append((step + 1, sum(running) / len(running)))
-            running = []
-            if on_log is not None:
-                on_log(*log[-1])
+        return heads.loss(features, PatchTargets.stack([targets[i] for i in batch]))
+
+    log = fit_steps(loss_at, parameters, optimizer, schedule, steps, log_every, on_log)
     vision_tower.eval()
     return log

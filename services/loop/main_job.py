@@ -1,8 +1,8 @@
 """`spr-main`: the whole SPR loop on one machine, for R rounds, with a REC evaluation of every adapter.
 
-    world + bootstrap policy (cached)  ->  broker, tritonserver (policy + adapter follower)
+    world + bootstrap policy + world grounder (cached)  ->  broker, tritonserver (policy + adapter follower)
     -> sampler -> `regions` -> describer stage -> `descriptions`
-    -> localization stage (the policy grounds each phrase through Triton) ∥ semantic stage (MiniLM)
+    -> localization stage (the world's OWLv2 grounds each phrase) ∥ semantic stage (MiniLM)
     -> pair builder -> `pairs` -> trainer (one DPO round, publish, announce) -> serving hot-loads `latest`
     -> REC evaluation of the new version on the held-out split -> next round samples from it
 
