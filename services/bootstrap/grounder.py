@@ -109,10 +109,16 @@ class GroundingTargets:
 
 
 def grounding_targets(
-    scene: Scene, grid: int, queries_per_image: int, vocabulary: Sequence[str], rng: random.Random
+    scene: Scene,
+    grid: int,
+    queries_per_image: int,
+    vocabulary: Sequence[str],
+    rng: random.Random,
+    dense: PatchTargets | None = None,
 ) -> GroundingTargets:
-    """The image's own phrases first, then look-alike phrases (sharing an attribute) up to the count."""
-    dense: PatchTargets = patch_targets(scene, grid)
+    """The image's own phrases first, then look-alike phrases (sharing an attribute) up to the count.
+    `dense` is the scene's `patch_targets` when the caller computed them already (training: once)."""
+    dense = dense if dense is not None else patch_targets(scene, grid)
     owner_phrases = [_patch_phrase(dense, patch) for patch in range(grid * grid)]
     own = list(dict.fromkeys(scene_phrases(scene)))[:queries_per_image]
     queries = own + _negatives(own, vocabulary, queries_per_image - len(own), rng)
@@ -254,7 +260,8 @@ def _fit(
 ) -> tuple[list[tuple[int, float]], float]:
     """Train in place; returns the (step, mean loss) log and the seconds."""
     rng = random.Random(recipe.seed)
-    grid = 96 // recipe.patch_size
+    grid = int(model.config.vision_config.image_size) // recipe.patch_size
+    dense = [patch_targets(scene, grid) for scene in scenes]  # fixed per scene: not redone every step
     vocabulary = sorted({p for scene in scenes for p in scene_phrases(scene)})
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.01)
     warmup = max(recipe.steps // 10, 1)
@@ -263,10 +270,13 @@ def _fit(
     start = time.perf_counter()
 
     def loss_at(step: int) -> torch.Tensor:
-        batch = rng.sample(scenes, min(recipe.batch_size, len(scenes)))
-        targets = [grounding_targets(s, grid, recipe.queries_per_image, vocabulary, rng) for s in batch]
+        batch = rng.sample(range(len(scenes)), min(recipe.batch_size, len(scenes)))
+        targets = [
+            grounding_targets(scenes[i], grid, recipe.queries_per_image, vocabulary, rng, dense[i])
+            for i in batch
+        ]
         outputs = model(
-            pixel_values=batcher.images([s.image for s in batch]),
+            pixel_values=batcher.images([scenes[i].image for i in batch]),
             **batcher.queries([t.queries for t in targets]),
         )
         return grounding_loss(outputs, targets)
