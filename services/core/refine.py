@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from services.core.boxes import Box, FloatArray, frame_to_image, image_to_frame, sanitize_box
+from services.core.boxes import Box, Coords, FloatArray, frame_to_image, image_to_frame, sanitize_box
 from services.core.formats import (
     CoordinateFormat,
     Mention,
@@ -17,7 +17,7 @@ from services.core.formats import (
     rewrite_mentions,
     to_native,
 )
-from services.core.scoring import as_box_array, iou_matrix
+from services.core.scoring import as_box_array, iou_matrix, scores_from_ious
 
 REFINE_IOU_THRESHOLD = 0.5
 
@@ -34,17 +34,23 @@ def greedy_match(ious: FloatArray, threshold: float) -> list[tuple[int, int]]:
 
     Ties go to the earlier row, then the earlier column, so the result is deterministic.
     """
+    return _greedy(ious.tolist(), threshold)
+
+
+def _greedy(rows: Sequence[Sequence[float]], threshold: float) -> list[tuple[int, int]]:
+    """:func:`greedy_match` on a matrix given as rows of Python floats."""
     # Plain Python: the matrices are small (boxes of one candidate x GT boxes), where numpy's per-call
-    # overhead dominates. Sorting (-IoU, flat index) is the row-major tie-break order.
-    width = ious.shape[1]
+    # overhead dominates. Sorting (-IoU, row, col) is the row-major tie-break order.
     ranked = sorted(
-        (-iou, flat_index) for flat_index, iou in enumerate(ious.ravel().tolist()) if iou > threshold
+        (-iou, row, col)
+        for row, values in enumerate(rows)
+        for col, iou in enumerate(values)
+        if iou > threshold
     )
     used_rows: set[int] = set()
     used_cols: set[int] = set()
     pairs: list[tuple[int, int]] = []
-    for _, flat_index in ranked:
-        row, col = divmod(flat_index, width)
+    for _, row, col in ranked:
         if row not in used_rows and col not in used_cols:
             used_rows.add(row)
             used_cols.add(col)
@@ -125,31 +131,102 @@ def match_to_gt(
     Refined scores need only this; the text itself is rewritten by :func:`rewrite_mentions`.
     """
     gt = as_box_array(gt_boxes)
-    counts = [len(boxes) for boxes in boxes_in_image]
     every_box = np.concatenate(boxes_in_image) if boxes_in_image else np.zeros((0, 4))
-    ious = iou_matrix(every_box, gt)
+    segments, start = [], 0
+    for boxes in boxes_in_image:
+        segments.append((start, len(boxes)))
+        start += len(boxes)
+    frame = _Frame(fmt, crop, frame_w, frame_h)
+    return _match_segments(iou_matrix(every_box, gt).tolist(), segments, gt, frame, iou_threshold)
+
+
+@dataclass(frozen=True, slots=True)
+class RefinedScore:
+    """One candidate after refinement: the boxes replaced (as :func:`match_to_gt`) and its new S_loc."""
+
+    matches: dict[int, Replacement]
+    s_loc: float
+
+
+def refined_localization_scores(
+    own: Sequence[Sequence[Coords]],
+    grounded: Sequence[Sequence[Coords]],
+    gt_boxes: npt.ArrayLike,
+    fmt: CoordinateFormat,
+    frame_w: float,
+    frame_h: float,
+    crop: Box | None = None,
+    iou_floor: float | None = None,
+    iou_threshold: float = REFINE_IOU_THRESHOLD,
+) -> list[RefinedScore]:
+    """Refine every candidate of one region and score it against the GT (SPEC §2 "Refinement").
+
+    ``own[i]`` are candidate i's boxed mentions and ``grounded[i]`` the boxes the grounding model found
+    for its phrases, all full-image pixels. P of the refined candidate is its own boxes, the matched
+    ones replaced by their GT box as written, plus the grounded ones. One IoU matrix serves the whole
+    region: the matching reads its own rows, the replaced rows are swapped for the IoUs of the written
+    GT boxes, and :func:`scores_from_ious` takes the per-candidate maxima.
+    """
+    gt = as_box_array(gt_boxes)
+    rows: list[Coords] = []
+    own_segments, counts = [], []
+    for mine, found in zip(own, grounded, strict=True):
+        own_segments.append((len(rows), len(mine)))
+        counts.append(len(mine) + len(found))
+        rows += mine
+        rows += found
+    ious = iou_matrix(rows, gt)
+    frame = _Frame(fmt, crop, frame_w, frame_h)
+    matches = _match_segments(ious.tolist(), own_segments, gt, frame, iou_threshold)
+    replaced = [
+        (start + row, replacement.in_image)
+        for (start, _), matched in zip(own_segments, matches, strict=True)
+        for row, replacement in matched.items()
+    ]
+    if replaced:
+        ious[[row for row, _ in replaced]] = iou_matrix([box for _, box in replaced], gt)
+    scores = scores_from_ious(ious.T, counts, iou_floor)
+    return [RefinedScore(m, s.s_loc) for m, s in zip(matches, scores, strict=True)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    """How the model saw the region: its box format and the crop shown as a frame_w x frame_h image."""
+
+    fmt: CoordinateFormat
+    crop: Box | None
+    width: float
+    height: float
+
+
+def _match_segments(
+    ious: list[list[float]],
+    segments: Sequence[tuple[int, int]],
+    gt: FloatArray,
+    frame: _Frame,
+    iou_threshold: float,
+) -> list[dict[int, Replacement]]:
+    """Greedy matches of each candidate's rows ``(start, count)`` of ``ious`` (rows x GT), with each
+    GT box written in the model's format once for the whole region."""
     written: dict[int, Replacement | None] = {}
-    matches, start = [], 0
-    for count in counts:
+    matches = []
+    for start, count in segments:
         matched: dict[int, Replacement] = {}
-        for row, col in greedy_match(ious[start : start + count], iou_threshold):
+        for row, col in _greedy(ious[start : start + count], iou_threshold):
             if col not in written:
-                written[col] = _replacement(Box(*gt[col].tolist()), fmt, crop, frame_w, frame_h)
+                written[col] = _replacement(Box(*gt[col].tolist()), frame)
             replacement = written[col]
             if replacement is not None:
                 matched[row] = replacement
-        start += count
         matches.append(matched)
     return matches
 
 
-def _replacement(
-    gt: Box, fmt: CoordinateFormat, crop: Box | None, frame_w: float, frame_h: float
-) -> Replacement | None:
-    native = _gt_as_written(gt, fmt, crop, frame_w, frame_h)
+def _replacement(gt: Box, frame: _Frame) -> Replacement | None:
+    native = _gt_as_written(gt, frame.fmt, frame.crop, frame.width, frame.height)
     if native is None:
         return None
-    return Replacement(native, frame_to_image(native.box, crop, frame_w, frame_h).as_tuple())
+    return Replacement(native, frame_to_image(native.box, frame.crop, frame.width, frame.height).as_tuple())
 
 
 def _gt_as_written(

@@ -82,22 +82,35 @@ def localization_scores(
 ) -> list[LocalizationResult]:
     """:func:`localization_score` of each candidate of one region, computed for all at once: one IoU
     matrix against the GT, then per-candidate maxima by segment (``reduceat``)."""
-    if not 0.0 <= precision_weight <= 1.0:
-        raise ValueError(f"precision_weight must lie in [0, 1], got {precision_weight}")
     gt = as_box_array(gt)
     arrays = [as_box_array(p) for p in preds]
-    counts = np.array([len(a) for a in arrays], dtype=np.intp)
-    results = [LocalizationResult(0.0, np.zeros(len(gt)), 0.0) for _ in arrays]  # P or G empty
-    scored = np.flatnonzero(counts)  # reduceat cannot express an empty segment
-    if len(gt) == 0 or len(scored) == 0:
+    rows = np.concatenate(arrays) if arrays else np.zeros((0, 4))
+    return scores_from_ious(iou_matrix(gt, rows), [len(a) for a in arrays], iou_floor, precision_weight)
+
+
+def scores_from_ious(
+    ious: FloatArray,
+    counts: Sequence[int],
+    iou_floor: float | None = None,
+    precision_weight: float = 0.0,
+) -> list[LocalizationResult]:
+    """:func:`localization_scores` from the ``(n GT, N)`` IoU matrix of the GT against every candidate's
+    boxes, candidates in consecutive column segments of ``counts`` boxes each.
+
+    For callers that already hold the IoUs (refinement reuses the matrix it matched with)."""
+    if not 0.0 <= precision_weight <= 1.0:
+        raise ValueError(f"precision_weight must lie in [0, 1], got {precision_weight}")
+    counts_array = np.array(counts, dtype=np.intp)
+    results = [LocalizationResult(0.0, np.zeros(ious.shape[0]), 0.0) for _ in counts]  # P or G empty
+    scored = np.flatnonzero(counts_array)  # reduceat cannot express an empty segment
+    if ious.shape[0] == 0 or len(scored) == 0:
         return results
-    ious = iou_matrix(gt, np.concatenate(arrays))
-    starts = (np.cumsum(counts) - counts)[scored]
+    starts = (np.cumsum(counts_array) - counts_array)[scored]
     best = np.maximum.reduceat(ious, starts, axis=1)  # (n GT, scored candidates)
     if iou_floor is not None:
         best[best < iou_floor] = 0.0
     matched = np.add.reduceat((ious.max(axis=0) >= PRECISION_MATCH_IOU).astype(np.intp), starts)
-    precision = matched / counts[scored]
+    precision = matched / counts_array[scored]
     s_loc = (1.0 - precision_weight) * best.mean(axis=0) + precision_weight * precision
     for column, k in enumerate(scored.tolist()):
         results[k] = LocalizationResult(float(s_loc[column]), best[:, column], float(precision[column]))

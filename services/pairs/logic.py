@@ -29,7 +29,6 @@ from services.core import (
     ScoredCandidate,
     SkipDecision,
     as_box_array,
-    localization_scores,
     pair_id,
     parse,
     reward,
@@ -37,7 +36,7 @@ from services.core import (
 )
 from services.core.boxes import image_to_frame
 from services.core.formats import Mention, mention_boxes_in_image, rewrite_mentions
-from services.core.refine import match_to_gt, refinable
+from services.core.refine import refinable, refined_localization_scores
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 
 
@@ -204,36 +203,33 @@ def _best_refined(
         return []
     frame_w, frame_h = record.frame_width, record.frame_height
     crop = Box(*_box(record.crop_box))
-    gt = _gt(record.region)
     fmt = CoordinateFormat(candidates[0].coordinate_format)
-    own = [_boxes_in_image(c, crop, frame_w, frame_h) for c in candidates]
-    matches = match_to_gt(own, gt, fmt, frame_w, frame_h, crop)
-    # P of each refined candidate: its own boxes, the matched ones replaced by their GT box as written,
-    # plus what the grounding model found for the original's phrases; scored in one vectorised call.
-    predictions = []
-    for candidate, boxes, matched in zip(candidates, own, matches, strict=True):
-        if matched:
-            boxes = boxes.copy()
-            boxes[list(matched)] = [replacement.in_image for replacement in matched.values()]
-        grounded = as_box_array([_box(g.box) for g in loc[candidate.candidate_id].grounded])
-        predictions.append(np.concatenate((boxes, grounded)))
-    scores = localization_scores(gt, predictions, rules.iou_floor)
+    refined = refined_localization_scores(
+        [_boxes_in_image(c, crop, frame_w, frame_h) for c in candidates],
+        [[_box(g.box) for g in loc[c.candidate_id].grounded] for c in candidates],
+        [_box(o.box) for o in record.region.ground_truth],
+        fmt,
+        frame_w,
+        frame_h,
+        crop,
+        rules.iou_floor,
+    )
     rewards = [
-        reward(b.s_sem, score.s_loc, rules.lambda_sem) for b, score in zip(initial, scores, strict=True)
+        reward(b.s_sem, score.s_loc, rules.lambda_sem) for b, score in zip(initial, refined, strict=True)
     ]
     best = max(range(len(rewards)), key=rewards.__getitem__)  # the first of equals, as select_pair
     candidate = candidates[best]
     mentions = _frame_mentions(candidate, crop, frame_w, frame_h)
     rows = refinable(mentions)
     text, _ = rewrite_mentions(
-        candidate.text, mentions, {rows[row]: r.native for row, r in matches[best].items()}, fmt
+        candidate.text, mentions, {rows[row]: r.native for row, r in refined[best].matches.items()}, fmt
     )
     return [
         ScoredCandidate(
             candidate_id=candidate.candidate_id + "/refined",
             text=text,
             s_sem=initial[best].s_sem,
-            s_loc=scores[best].s_loc,
+            s_loc=refined[best].s_loc,
             reward=rewards[best],
             refined=True,
         )
@@ -242,16 +238,17 @@ def _best_refined(
 
 def _boxes_in_image(
     candidate: describer_pb2.Candidate, crop: Box, frame_w: int, frame_h: int
-) -> npt.NDArray[np.float64]:
-    """``(k, 4)`` full-image boxes of the candidate's boxed mentions, in mention order.
+) -> list[tuple[float, float, float, float]]:
+    """Full-image boxes of the candidate's boxed mentions, in mention order.
 
     The describer sends them already parsed (full-image pixels); a record without mentions (a producer
     that does not fill them) is parsed here. Parsing every text again was ~40 % of a decision.
     """
     if candidate.mentions:
-        return as_box_array([_box(m.box) for m in candidate.mentions if m.has_box])
+        return [_box(m.box) for m in candidate.mentions if m.has_box]
     mentions = _frame_mentions(candidate, crop, frame_w, frame_h)
-    return mention_boxes_in_image([mentions[i] for i in refinable(mentions)], crop, frame_w, frame_h)
+    boxes = mention_boxes_in_image([mentions[i] for i in refinable(mentions)], crop, frame_w, frame_h)
+    return [(x1, y1, x2, y2) for x1, y1, x2, y2 in boxes.tolist()]
 
 
 def _frame_mentions(
