@@ -51,6 +51,7 @@ from services.common.topics import (
     dead_letter_topic,
     stream_topics,
 )
+from services.core.refine import REFINE_IOU_THRESHOLD
 from services.devstack.broker import BrokerProcess
 from services.devstack.process import wait_until
 from services.devstack.triton import TritonServer
@@ -83,6 +84,7 @@ class MainJobConfig:
     max_new_tokens: int = 40
     lambda_sem: float = 0.8
     delta: float = 0.05
+    refine_iou: float = REFINE_IOU_THRESHOLD  # see --refine-iou
     eval_limit: int = 1000
     broker: str = "noida"
     run_id: str = "main"
@@ -185,6 +187,7 @@ def pipeline_of(cfg: MainJobConfig, policy: Path, grounder: Path | None) -> Pipe
         prompt_modes="crop,full-box",
         lambda_sem=cfg.lambda_sem,
         delta=cfg.delta,
+        refine_iou=cfg.refine_iou,
         localization_backend=localization_backend(grounder),
         semantic_backend={"BACKEND": "minilm"},
     )
@@ -448,6 +451,12 @@ def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--lambda-sem", type=float, default=defaults.lambda_sem)
+    parser.add_argument(
+        "--refine-iou",
+        type=float,
+        default=defaults.refine_iou,
+        help="refinement replaces a described box by the GT box it overlaps above this IoU",
+    )
     parser.add_argument("--eval-limit", type=int, default=defaults.eval_limit, help="held-out expressions")
     parser.add_argument("--broker", choices=["noida", "tansu"], default=defaults.broker)
     parser.add_argument("--bootstrap-steps", type=int, default=0, help="SFT steps (0 = the recipe's)")
@@ -483,6 +492,7 @@ def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
         lambda_sem=args.lambda_sem,
+        refine_iou=args.refine_iou,
         eval_limit=args.eval_limit,
         broker=args.broker,
         bootstrap_steps=args.bootstrap_steps,

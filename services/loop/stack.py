@@ -27,6 +27,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from services.common.kafka_io import KafkaSettings, Topic, UndecodableRecord, decode_record
 from services.common.topics import PAIRS, REGIONS, stream_topics
+from services.core.refine import REFINE_IOU_THRESHOLD
 from services.devstack.process import ManagedProcess, log_tail
 from spr.v1 import pairs_pb2
 
@@ -132,6 +133,7 @@ class Pipeline:
     adapter: str = "latest"
     lambda_sem: float = 0.8
     delta: float = 0.05
+    refine_iou: float = REFINE_IOU_THRESHOLD
     localization_backend: Mapping[str, str] = field(default_factory=lambda: {"BACKEND": "mllm"})
     semantic_backend: Mapping[str, str] = field(default_factory=lambda: {"BACKEND": "minilm"})
     describer_concurrency: int = 8
@@ -234,6 +236,7 @@ class Pipeline:
             "RUN_ID": self.run_id,
             "LAMBDA_SEM": str(self.lambda_sem),
             "DELTA": str(self.delta),
+            "REFINE_IOU": str(self.refine_iou),
             "TIMEOUT_S": str(self.pair_timeout_s),
             "METRICS_PORT": "0",
             **_api_version(kafka, "API_VERSION"),

@@ -516,6 +516,7 @@ def _observe(decision: pairs_pb2.PairDecision, join_seconds: float, candidates: 
         metrics.REWARD.labels("chosen").observe(decision.pair.chosen.reward)
         metrics.REWARD.labels("rejected").observe(decision.pair.rejected.reward)
         metrics.MARGIN.observe(decision.pair.margin)
+        metrics.BOXES_REPLACED.observe(decision.pair.chosen.boxes_replaced)
     else:
         name = pairs_pb2.SkipReason.Name(decision.skip).removeprefix("SKIP_REASON_").lower()
         metrics.DECISIONS.labels(name).inc()

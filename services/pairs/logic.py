@@ -36,7 +36,7 @@ from services.core import (
 )
 from services.core.boxes import image_to_frame
 from services.core.formats import Mention, mention_boxes_in_image, rewrite_mentions
-from services.core.refine import refinable, refined_localization_scores
+from services.core.refine import REFINE_IOU_THRESHOLD, refinable, refined_localization_scores
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 
 
@@ -47,6 +47,7 @@ class PairRules:
     lambda_sem: float = 0.8  # S = λ·S_sem + (1 − λ)·S_loc
     delta: float = 0.05  # minimum reward margin between chosen and rejected
     iou_floor: float | None = None  # IoUs below it count as 0 in S_loc
+    refine_iou: float = REFINE_IOU_THRESHOLD  # a box matching a GT box above this IoU takes its place
     run_id: str = ""  # keeps replays with other scorer versions apart
 
 
@@ -213,6 +214,7 @@ def _best_refined(
         frame_h,
         crop,
         rules.iou_floor,
+        rules.refine_iou,
     )
     rewards = [
         reward(b.s_sem, score.s_loc, rules.lambda_sem) for b, score in zip(initial, refined, strict=True)
@@ -232,6 +234,7 @@ def _best_refined(
             s_loc=refined[best].s_loc,
             reward=rewards[best],
             refined=True,
+            boxes_replaced=len(refined[best].matches),
         )
     ]
 
@@ -276,6 +279,7 @@ def _scored_text(c: ScoredCandidate) -> pairs_pb2.ScoredText:
         s_loc=c.s_loc,
         s_sem=c.s_sem,
         refined=c.refined,
+        boxes_replaced=c.boxes_replaced,
     )
 
 

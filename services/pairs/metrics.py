@@ -26,6 +26,12 @@ JOIN_SECONDS = metrics.histogram(
     "spr_pairs_join_seconds", "Time from a region's first record to its decision (in this process)."
 )
 REWARD = metrics.histogram("spr_pairs_reward", "Reward of the chosen and rejected texts.", ("role",), _UNIT)
+BOXES_REPLACED = metrics.histogram(
+    "spr_pairs_boxes_replaced",
+    "Boxes of the chosen text that refinement replaced by their GT box, per pair.",
+    (),
+    (0, 1, 2, 3, 5, 8),
+)
 MARGIN = metrics.histogram("spr_pairs_margin", "Reward margin of the pairs built.", (), _UNIT)
 CONSUMER_LAG = metrics.gauge(
     "spr_pairs_consumer_lag_records",

@@ -20,6 +20,7 @@ from services.common.topics import (
     SCORES_SEMANTIC,
 )
 from services.core.pairs import DEFAULT_DELTA
+from services.core.refine import REFINE_IOU_THRESHOLD
 from services.core.scoring import DEFAULT_LAMBDA
 from services.pairs.logic import PairRules
 
@@ -52,6 +53,13 @@ class PairBuilderSettings(SprSettings):
     lambda_sem: float = Field(default=DEFAULT_LAMBDA, ge=0, le=1, description="S = λ·S_sem + (1 − λ)·S_loc.")
     delta: float = Field(default=DEFAULT_DELTA, ge=0, description="Least reward margin of a pair.")
     iou_floor: float | None = Field(default=None, ge=0, le=1, description="IoUs below it count as 0.")
+    refine_iou: float = Field(
+        default=REFINE_IOU_THRESHOLD,
+        ge=0,
+        lt=1,
+        description="Refinement replaces a described box by the GT box it overlaps with IoU above this "
+        "(SPEC and paper: 0.5). Lower it for a policy whose boxes rarely get that close.",
+    )
     run_id: str = Field(default="", description="Part of every pair id and lineage; keeps replays apart.")
 
     timeout_s: float = Field(
@@ -104,7 +112,11 @@ class PairBuilderSettings(SprSettings):
     def rules(self) -> PairRules:
         """The pair selection knobs."""
         return PairRules(
-            lambda_sem=self.lambda_sem, delta=self.delta, iou_floor=self.iou_floor, run_id=self.run_id
+            lambda_sem=self.lambda_sem,
+            delta=self.delta,
+            iou_floor=self.iou_floor,
+            refine_iou=self.refine_iou,
+            run_id=self.run_id,
         )
 
     def kafka(self, client_id: str = "spr-pair-builder") -> KafkaSettings:

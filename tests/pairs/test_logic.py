@@ -135,3 +135,16 @@ def test_decisions_from_the_describers_mentions_equal_those_from_parsing_the_tex
             assert with_mentions.pair.rejected.candidate_id == parsed.pair.rejected.candidate_id
         else:
             assert with_mentions.skip == parsed.skip
+
+
+def test_refine_iou_sets_which_boxes_take_their_gt_box_and_the_pair_says_how_many() -> None:
+    # A box at IoU 0.4 with the GT stays under the paper's 0.5 and is replaced under a lower threshold.
+    near = _text((10, 10, 50, 26))
+    record = _record([near, "a blurry picture."])
+    loc, sem = _loc(record, [0.4, 0.0]), _sem(record, [0.5, 0.1])
+    kept = decide(record, loc, sem, PairRules()).pair.chosen
+    assert kept.refined and kept.boxes_replaced == 0 and kept.text == near
+    assert kept.s_loc == pytest.approx(0.4, abs=0.01)
+    replaced = decide(record, loc, sem, PairRules(refine_iou=0.3)).pair.chosen
+    assert replaced.boxes_replaced == 1 and replaced.s_loc == pytest.approx(1.0, abs=0.01)
+    assert render_box(Box(*GT), FMT, 100, 100) in replaced.text
