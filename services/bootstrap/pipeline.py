@@ -346,7 +346,7 @@ def _objects(
     return objects, phrases
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = PolicyRecipe()
     parser = argparse.ArgumentParser(prog="spr-bootstrap", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", help=f"cache root (default: ${ENV_CACHE}, else ~/.cache/spr/bootstrap)")
@@ -378,18 +378,28 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
-    recipe = replace(
-        PolicyRecipe(),
+def recipe_from_args(args: argparse.Namespace) -> PolicyRecipe:
+    """The policy recipe of `spr-bootstrap`'s arguments; with none given, exactly the default recipe,
+    so that warming the cache with `spr-bootstrap` fills the very entry `spr-main` looks up."""
+    defaults = PolicyRecipe()
+    warmup = defaults.warmup_steps
+    if args.steps != defaults.steps:  # a shorter run warms up for at most a tenth of it
+        warmup = min(warmup, max(args.steps // 10, 1))
+    return replace(
+        defaults,
         steps=args.steps,
         world_images=args.images,
         world_seed=args.world_seed,
         seed=args.seed,
         batch_size=args.batch_size,
         vision_pretrain_steps=args.vision_steps,
-        warmup_steps=min(PolicyRecipe().warmup_steps, max(args.steps // 10, 1)),
+        warmup_steps=warmup,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    recipe = recipe_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     say = lambda m: print(f"[spr-bootstrap {time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731

@@ -14,7 +14,15 @@ from PIL import Image
 
 from services.bootstrap.clip import ClipRecipe, all_phrases, object_crops
 from services.bootstrap.data import Example
-from services.bootstrap.pipeline import Bootstrapped, bootstrap, bootstrap_clip, fingerprint, main
+from services.bootstrap.pipeline import (
+    Bootstrapped,
+    bootstrap,
+    bootstrap_clip,
+    fingerprint,
+    main,
+    parse_args,
+    recipe_from_args,
+)
 from services.bootstrap.recipe import BINS, PolicyRecipe, build_model, build_processor
 from services.bootstrap.train import IGNORE, CoordinateSmoothing, encode
 from services.evaluation.cli import evaluate
@@ -68,6 +76,13 @@ def test_training_is_reproducible_by_seed(smoke: Bootstrapped, tmp_path: Path) -
 def test_fingerprint_covers_steps_and_world() -> None:
     prints = {fingerprint(r) for r in (SMOKE, replace(SMOKE, steps=4), replace(SMOKE, world_seed=1))}
     assert len(prints) == 3 and fingerprint(SMOKE) == fingerprint(replace(SMOKE))
+
+
+def test_cli_defaults_are_the_recipe_the_main_job_looks_up() -> None:
+    # `spr-bootstrap` run first to warm the cache must fill the entry `spr-main` (PolicyRecipe()) reads.
+    assert recipe_from_args(parse_args([])) == PolicyRecipe()
+    short = recipe_from_args(parse_args(["--steps", "40"]))
+    assert short.steps == 40 and short.warmup_steps == 4
 
 
 def test_cli_trains_then_hits_the_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
