@@ -57,8 +57,22 @@ from services.devstack.process import wait_until
 from services.devstack.triton import TritonServer
 from services.evaluation.cli import evaluate_one, write_outputs
 from services.evaluation.datasets import RecSample, read_spr_rec
+from services.evaluation.described_boxes import (
+    BOX_THRESHOLDS,
+    VersionBoxes,
+    box_statistics,
+    described_box_ious,
+    format_box_table,
+)
 from services.evaluation.rec import THRESHOLDS, AdapterResult, accuracy_at, format_table, paired_bootstrap
-from services.loop.stack import DecisionLedger, Pipeline, ServiceSet, service_set, wait_for_decisions
+from services.loop.stack import (
+    DecisionLedger,
+    Pipeline,
+    ServiceSet,
+    read_messages,
+    service_set,
+    wait_for_decisions,
+)
 from services.policy.runner import PolicyRunner
 from services.world.build import split_image_ids
 from spr.v1 import pairs_pb2
@@ -381,7 +395,8 @@ def run(cfg: MainJobConfig) -> int:
             loop = Loop(cfg, pipeline, services, kafka, triton, dataset, store, evaluation)
             for round_no in range(1, cfg.rounds + 1):
                 loop.round(round_no)
-    report(cfg, evaluation.results, time.monotonic() - started)
+        boxes = described_boxes(kafka, cfg.run_id)
+    report(cfg, evaluation.results, boxes, time.monotonic() - started)
     return 0
 
 
@@ -426,12 +441,38 @@ def all_topics() -> list[Topic[Any]]:
     return [*stream_topics().values(), *(dead_letter_topic(t) for t in sources), adapters_topic()]
 
 
-def report(cfg: MainJobConfig, results: Sequence[AdapterResult], seconds: float) -> None:
+def box_prometheus_text(boxes: Sequence[VersionBoxes]) -> str:
+    """The described-box table as gauges: mean best IoU and percent of boxes per threshold, by version."""
+    statistics = [(version.version, box_statistics(version.sums())) for version in boxes]
+    lines = [
+        "# HELP spr_described_box_iou Mean best GT IoU of the boxes in an adapter version's descriptions.",
+        "# TYPE spr_described_box_iou gauge",
+        *(f'spr_described_box_iou{{adapter="{name}"}} {stats[0]:.4f}' for name, stats in statistics),
+        "# HELP spr_described_box_share Percent of those boxes at or above an IoU threshold.",
+        "# TYPE spr_described_box_share gauge",
+    ]
+    for name, stats in statistics:
+        for t, share in zip(BOX_THRESHOLDS, stats[1:], strict=True):
+            lines.append(f'spr_described_box_share{{adapter="{name}",iou="{t:g}"}} {share:.4f}')
+    return "\n".join(lines) + "\n"
+
+
+def described_boxes(kafka: KafkaSettings, run_id: str) -> list[VersionBoxes]:
+    """The box quality of this run's streamed descriptions, per adapter version (what SPR rewards)."""
+    records = read_messages(kafka, stream_topics()[DESCRIPTIONS])
+    return described_box_ious(r for r in records if r.lineage.run_id == run_id)
+
+
+def report(
+    cfg: MainJobConfig, results: Sequence[AdapterResult], boxes: Sequence[VersionBoxes], seconds: float
+) -> None:
     table = format_table(results)
+    if boxes:  # in-distribution: the boxes of the descriptions each version streamed (not held out)
+        table += "\n\n" + format_box_table(boxes)
     png, path = write_outputs(
         results, cfg.work, f"REC on the held-out split (n={len(results[0].predictions)})"
     )
-    (cfg.work / "metrics.prom").write_text(prometheus_text(results))
+    (cfg.work / "metrics.prom").write_text(prometheus_text(results) + box_prometheus_text(boxes))
     (cfg.work / "report.md").write_text(f"```\n{table}\n```\n")
     print("\n" + table)
     print(

@@ -25,7 +25,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
-from services.common.kafka_io import KafkaSettings, Topic, UndecodableRecord, decode_record
+from services.common.kafka_io import KafkaSettings, M, Topic, UndecodableRecord, decode_record
 from services.common.topics import PAIRS, REGIONS, stream_topics
 from services.core.refine import REFINE_IOU_THRESHOLD
 from services.devstack.process import ManagedProcess, log_tail
@@ -294,6 +294,14 @@ def read_decisions(
             continue
         ledger.by_region[decision.region_id].append(decision)
     return ledger
+
+
+def read_messages(kafka: KafkaSettings, topic: Topic[M]) -> Iterator[M]:
+    """Every decodable message in ``topic`` up to its current end (undecodable ones are skipped)."""
+    for record in _read_to_end(kafka, topic):
+        decoded = decode_record(topic, record)
+        if not isinstance(decoded, UndecodableRecord):
+            yield decoded.message
 
 
 def wait_for_decisions(
