@@ -52,17 +52,20 @@ def _infer(url: str, adapter: str) -> str:
     return str(result.as_numpy("ADAPTER_VERSION")[0][0].decode())
 
 
-def _wait_for_loaded(
-    admin: AdminHarness, version: str, timeout_s: float = 90.0
+def _wait_for_switch(
+    admin: AdminHarness, version: str, alias: str = "latest", timeout_s: float = 90.0
 ) -> adapters_pb2.LoadedAdapter:
+    """Until the replica shows ``version`` loaded and ``alias`` pointing at it. It loads the version
+    first and re-points the alias after, so its metrics can show the one a moment before the other."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         listing = admin.stub.ListAdapters(adapters_pb2.ListAdaptersRequest(), timeout=30)
         found = [a for a in listing.loaded if a.version == version]
-        if found:
+        switched = all(r.aliases.get(alias) == version for r in admin.core.replica_status())
+        if found and switched:
             return found[0]
         time.sleep(0.2)
-    raise AssertionError(f"{version} never showed as loaded; replicas: {admin.core.replica_status()}")
+    raise AssertionError(f"{version} never showed as {alias}; replicas: {admin.core.replica_status()}")
 
 
 def test_list_adapters_shows_what_the_replica_loaded_after_a_promotion(
@@ -89,7 +92,7 @@ def test_list_adapters_shows_what_the_replica_loaded_after_a_promotion(
 
     promoted_at = time.monotonic()
     admin.stub.Promote(adapters_pb2.PromoteRequest(version=version, alias="latest"), timeout=30)
-    loaded = _wait_for_loaded(admin, version)
+    loaded = _wait_for_switch(admin, version)
     print(f"promotion to ListAdapters.loaded: {time.monotonic() - promoted_at:.2f}s")
     assert loaded.load_seconds > 0
 
