@@ -19,16 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
 from services.core import (
     Box,
     CoordinateFormat,
     PairChoice,
     ScoredCandidate,
     SkipDecision,
-    as_box_array,
     pair_id,
     parse,
     reward,
@@ -53,10 +49,6 @@ class PairRules:
 
 def _box(box: common_pb2.Box) -> tuple[float, float, float, float]:
     return (box.x1, box.y1, box.x2, box.y2)
-
-
-def _gt(region: common_pb2.Region) -> npt.NDArray[np.float64]:
-    return as_box_array([_box(o.box) for o in region.ground_truth])
 
 
 def _by_candidate(scores: list, ids: list[str]) -> dict[str, object]:  # type: ignore[type-arg]
