@@ -14,7 +14,9 @@ Export notes (why the graphs look the way they do):
 * Grounding DINO's text masks come in as inputs (:class:`DinoExportModule`), and its deformable
   attention traces its sampling grid as float64, which onnxruntime's GridSample rejects, so a Cast to
   float32 is inserted in front of every GridSample grid;
-* shapes are fixed (the scorers pad and chunk to them), except the text batch of dual encoders.
+* shapes are fixed (the scorers pad and chunk to them), except the text batch of dual encoders and
+  the text length of Grounding DINO and CLIP, which the scorers pad only as far as the longest text
+  needs (``text_padding: longest`` in the manifest; parity is checked at a second length).
 """
 
 from __future__ import annotations
@@ -152,20 +154,31 @@ def max_abs_diff(expected: np.ndarray[Any, Any], got: np.ndarray[Any, Any]) -> f
 # --- grounding models -----------------------------------------------------------------------------
 
 
-def grounding_sample_feed(family: str, grounder: grounding.Grounder) -> Arrays:
-    """A representative input of the fixed shapes (a random image, a few phrases)."""
+SAMPLE_PHRASES = ("red circle", "blue square", "a person on a bike")
+#: Phrases for DINO's second parity check: a text width other than the traced one.
+LONGER_PHRASES = (*SAMPLE_PHRASES, "a small green striped triangle", "the dog behind the fence", "two cups")
+DINO_TEXT_AXES = {
+    **{name: {1: "text"} for name in ("input_ids", "token_type_ids", "attention_mask", "position_ids")},
+    "text_self_attention_masks": {1: "text", 2: "text"},
+}
+
+
+def grounding_sample_feed(
+    family: str, grounder: grounding.Grounder, phrases: Sequence[str] = SAMPLE_PHRASES
+) -> Arrays:
+    """A representative input (a random image, a few phrases)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
     if isinstance(grounder, grounding.DinoGrounder):
-        feed, _ = grounder._text_inputs(["red circle", "blue square", "a person on a bike"])
+        feed, _ = grounder._text_inputs(phrases)
         feed["pixel_values"] = grounder.pixels([image], grounder.image_size)
         feed["pixel_mask"] = np.ones((1, grounder.image_size, grounder.image_size), dtype=np.int64)
         return feed
     assert isinstance(grounder, grounding.OwlGrounder)
     pixels = grounder.pixels([image], grounder.image_size)
-    return {**grounder.text_inputs(["red circle", "blue square"]), "pixel_values": pixels}
+    return {**grounder.text_inputs(phrases[:2]), "pixel_values": pixels}
 
 
 def export_grounding(
@@ -181,10 +194,18 @@ def export_grounding(
         family, torch_runner, processor, shapes, special, family, grounding.GroundingOptions()
     )
     feed = grounding_sample_feed(family, grounder)
-    export_graph(module, feed, names, ("logits", "pred_boxes"), out / "model.onnx", opset)
+    dino = isinstance(grounder, grounding.DinoGrounder)
+    axes = DINO_TEXT_AXES if dino else None
+    export_graph(module, feed, names, ("logits", "pred_boxes"), out / "model.onnx", opset, axes)
     processor.save_pretrained(str(out))
-    manifest = _manifest(family, shapes, source, special)
-    return finish_export(out, {"model": "model.onnx"}, manifest, [("model", torch_runner, feed)], int8)
+    padding = "longest" if dino else "max_length"
+    manifest = {**_manifest(family, shapes, source, special), "text_padding": padding}
+    checks: Checks = [("model", torch_runner, feed)]
+    if dino:
+        longer = grounding_sample_feed(family, grounder, LONGER_PHRASES)
+        assert longer["input_ids"].shape != feed["input_ids"].shape, "parity needs a second text width"
+        checks.append(("model", torch_runner, longer))
+    return finish_export(out, {"model": "model.onnx"}, manifest, checks, int8)
 
 
 # --- dual encoders --------------------------------------------------------------------------------

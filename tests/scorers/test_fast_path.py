@@ -15,9 +15,9 @@ from transformers.models.grounding_dino import modeling_grounding_dino as gdino
 
 from services.modelzoo.loading import load_processor
 from services.scorers.common import load_region
-from services.scorers.localization.backends import OwlGrounder, dino_text_masks
+from services.scorers.localization.backends import DinoGrounder, OwlGrounder, dino_text_masks
 from services.scorers.localization.logic import LocalizationScorer
-from services.scorers.localization.settings import LocalizationSettings
+from services.scorers.localization.settings import GroundingBackend, LocalizationSettings
 from services.scorers.onnx_export import Parity, main
 from services.scorers.onnx_runtime import graph_paths
 from services.scorers.preprocess import PixelPreprocessor
@@ -164,3 +164,27 @@ def test_the_clip_export_has_a_dynamic_sequence_axis(
     assert isinstance(clip.encoder, DualEncoder) and isinstance(siglip.encoder, DualEncoder)
     assert clip.encoder.pad_to_longest and not siglip.encoder.pad_to_longest
     assert clip.encoder.encode_texts(["a", "a much longer text than the first one"]).shape[0] == 2
+
+
+def test_dino_queries_padded_to_a_multiple_of_16_ground_exactly_as_padded_to_256(
+    tiny_models: dict[str, Path],
+) -> None:
+    region = load_region(make_region(), scene_png(), LocalizationSettings().images)
+    settings = LocalizationSettings(model=str(tiny_models["tiny-grounding-dino"]), box_threshold=0.2)
+    short, full = LocalizationScorer(settings), LocalizationScorer(settings)
+    assert isinstance(short.grounder, DinoGrounder) and isinstance(full.grounder, DinoGrounder)
+    full.grounder.pad_to_longest = False
+    feed, _ = short.grounder._text_inputs(["red circle", "blue square"])
+    assert feed["input_ids"].shape == (1, 16) and feed["text_self_attention_masks"].shape == (1, 16, 16)
+    assert full.grounder._text_inputs(["red circle"])[0]["input_ids"].shape == (1, full.grounder.text_length)
+    assert short.grounder.text_width(17) == 32 and short.grounder.text_width(10_000) == 256
+    assert short.score(region, candidates()) == full.score(region, candidates())
+
+
+def test_the_dino_export_has_a_dynamic_text_axis_checked_at_two_widths(
+    onnx_exports: dict[str, tuple[Path, list[Parity]]],
+) -> None:
+    folder, report = onnx_exports["tiny-grounding-dino"]
+    assert len([p for p in report if p.graph == "model"]) == 4  # two outputs at two text widths
+    scorer = LocalizationScorer(LocalizationSettings(model=str(folder), backend=GroundingBackend.ONNX))
+    assert isinstance(scorer.grounder, DinoGrounder) and scorer.grounder.pad_to_longest

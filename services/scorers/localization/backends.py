@@ -2,13 +2,15 @@
 
 * Grounding DINO (default): all phrases of a region joined into one text query ``"p1 . p2 . p3 ."``,
   so one forward pass grounds every phrase of every candidate; each phrase's score of a query box is
-  the max over its own tokens. Phrases that do not fit the text length go to another pass.
+  the max over its own tokens. Phrases that do not fit the text length go to another pass. The query
+  is padded to its length rounded up to ``TEXT_PAD_MULTIPLE``, not to the model's 256: padding tokens
+  are masked everywhere, so the outputs are the same (tested), and a region's ~50 tokens cost a
+  fraction of a 256-token pass (exports made before the text axis was dynamic still get 256).
 * OWLv2: many text queries per pass natively; phrases go in groups of ``max_queries``.
 
 Both run on a PyTorch module or an ONNX Runtime session (:mod:`services.scorers.onnx_runtime`) with
-the same preprocessing. Shapes are fixed (square image of ``image_size``, text padded to
-``text_length``, ``max_queries`` per OWLv2 pass) because the exported graphs are traced at fixed shapes;
-the PyTorch path uses the same shapes so both paths see identical inputs.
+the same preprocessing and the same input shapes (square image of ``image_size``; OWLv2: texts padded
+to ``text_length``, ``max_queries`` per pass), so both paths see identical inputs.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ DINO_INPUTS = (
 OWL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 _MASKS_LOCK = threading.Lock()
 TOKEN_CACHE_SIZE = 4096  # phrases whose token ids are kept (a few hundred bytes each)
+TEXT_PAD_MULTIPLE = 16  # DINO text widths in use: few enough that onnxruntime's per-shape plans are reused
 
 
 @dataclass(frozen=True)
@@ -149,10 +152,12 @@ class DinoGrounder:
         text_length: int,
         special_tokens: Sequence[int],
         options: GroundingOptions,
+        pad_to_longest: bool = True,
     ) -> None:
         self.runner, self.processor, self.name = runner, processor, name
         self.image_size, self.text_length = image_size, text_length
         self.special_tokens = tuple(special_tokens)
+        self.pad_to_longest = pad_to_longest  # False: always ``text_length`` (a fixed-shape graph)
         self.options = options
         tokenizer: Any = processor.tokenizer
         self.tokenizer = tokenizer
@@ -216,7 +221,7 @@ class DinoGrounder:
             ids.extend([*tokens, self.dot])
         ids.append(int(self.tokenizer.sep_token_id))
         length = len(ids)
-        padded = np.full((1, self.text_length), int(self.tokenizer.pad_token_id or 0), dtype=np.int64)
+        padded = np.full((1, self.text_width(length)), int(self.tokenizer.pad_token_id or 0), dtype=np.int64)
         padded[0, :length] = ids
         attention = np.zeros_like(padded)
         attention[0, :length] = 1
@@ -229,6 +234,12 @@ class DinoGrounder:
             "position_ids": positions,
         }
         return feed, spans
+
+    def text_width(self, length: int) -> int:
+        """The padded width of a query of ``length`` tokens (see the module docstring)."""
+        if not self.pad_to_longest:
+            return self.text_length
+        return min(self.text_length, -(-length // TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE)
 
 
 # --- OWLv2 ----------------------------------------------------------------------------------------
@@ -384,8 +395,10 @@ def build_grounder(
     special_tokens: Sequence[int],
     name: str,
     options: GroundingOptions,
+    pad_to_longest: bool = True,
 ) -> Grounder:
-    """A grounder of ``family`` around an existing runner."""
+    """A grounder of ``family`` around an existing runner (``pad_to_longest``: DINO text, see
+    :meth:`DinoGrounder.text_width`)."""
     if family == "grounding-dino":
         return DinoGrounder(
             runner,
@@ -395,6 +408,7 @@ def build_grounder(
             text_length=shapes["text_length"],
             special_tokens=special_tokens,
             options=options,
+            pad_to_longest=pad_to_longest,
         )
     return OwlGrounder(
         runner,
@@ -428,7 +442,8 @@ def load_onnx_grounder(
     shapes = {k: int(v) for k, v in manifest["shapes"].items()}
     special = [int(t) for t in manifest.get("special_tokens", [])]
     name = f"{family}-onnx{'-int8' if int8 else ''}"
-    return build_grounder(family, runner, processor, shapes, special, name, options)
+    longest = manifest.get("text_padding") == "longest"  # absent from fixed-shape exports
+    return build_grounder(family, runner, processor, shapes, special, name, options, longest)
 
 
 def _special_tokens(model: PreTrainedModel) -> list[int]:
