@@ -316,6 +316,9 @@ def _decision(
         rejected=_scored_text(choice.rejected),
         margin=choice.margin,
         lambda_sem=rules.lambda_sem,
+        delta=rules.delta,
+        refine_iou=rules.refine_iou,
+        iou_floor=rules.iou_floor,
         lineage=lineage,
     )
     return pairs_pb2.PairDecision(region_id=region_id, pair=pair, lineage=lineage)

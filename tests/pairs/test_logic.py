@@ -148,3 +148,13 @@ def test_refine_iou_sets_which_boxes_take_their_gt_box_and_the_pair_says_how_man
     replaced = decide(record, loc, sem, PairRules(refine_iou=0.3)).pair.chosen
     assert replaced.boxes_replaced == 1 and replaced.s_loc == pytest.approx(1.0, abs=0.01)
     assert render_box(Box(*GT), FMT, 100, 100) in replaced.text
+
+
+def test_a_pair_records_every_rule_it_was_built_with() -> None:
+    record = _record([_text(GT), "a blurry picture."])
+    loc, sem = _loc(record, [1.0, 0.0]), _sem(record, [0.5, 0.1])
+    pair = decide(record, loc, sem, PairRules(lambda_sem=0.5, delta=0.1, refine_iou=0.3, iou_floor=0.2)).pair
+    assert (pair.lambda_sem, pair.delta, pair.refine_iou, pair.iou_floor) == (0.5, 0.1, 0.3, 0.2)
+    default = decide(record, loc, sem, PairRules()).pair
+    assert (default.delta, default.refine_iou) == (0.05, 0.5)
+    assert not default.HasField("iou_floor")  # no floor, not a floor of 0

@@ -26,19 +26,19 @@ from spr.v1 import common_pb2 as spr_dot_v1_dot_common__pb2
 from spr.v1 import describer_pb2 as spr_dot_v1_dot_describer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12spr/v1/pairs.proto\x12\x06spr.v1\x1a\x13spr/v1/common.proto\x1a\x16spr/v1/describer.proto\"\x87\x01\n\nScoredText\x12\x14\n\x0c\x63\x61ndidate_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12\r\n\x05s_loc\x18\x04 \x01(\x01\x12\r\n\x05s_sem\x18\x05 \x01(\x01\x12\x0f\n\x07refined\x18\x06 \x01(\x08\x12\x16\n\x0e\x62oxes_replaced\x18\x07 \x01(\x05\"\x9d\x02\n\x0ePreferencePair\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x11\n\tregion_id\x18\x02 \x01(\t\x12\x1e\n\x06region\x18\x03 \x01(\x0b\x32\x0e.spr.v1.Region\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\'\n\x0bprompt_mode\x18\x05 \x01(\x0e\x32\x12.spr.v1.PromptMode\x12\"\n\x06\x63hosen\x18\x06 \x01(\x0b\x32\x12.spr.v1.ScoredText\x12$\n\x08rejected\x18\x07 \x01(\x0b\x32\x12.spr.v1.ScoredText\x12\x0e\n\x06margin\x18\x08 \x01(\x01\x12\x12\n\nlambda_sem\x18\t \x01(\x01\x12 \n\x07lineage\x18\n \x01(\x0b\x32\x0f.spr.v1.Lineage\"\xab\x01\n\x0cPairDecision\x12\x11\n\tregion_id\x18\x01 \x01(\t\x12&\n\x04pair\x18\x02 \x01(\x0b\x32\x16.spr.v1.PreferencePairH\x00\x12\"\n\x04skip\x18\x03 \x01(\x0e\x32\x12.spr.v1.SkipReasonH\x00\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12 \n\x07lineage\x18\x05 \x01(\x0b\x32\x0f.spr.v1.LineageB\n\n\x08\x64\x65\x63ision*\xef\x01\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eSKIP_REASON_MARGIN_BELOW_DELTA\x10\x01\x12\x19\n\x15SKIP_REASON_SAME_TEXT\x10\x02\x12\"\n\x1eSKIP_REASON_TOO_FEW_CANDIDATES\x10\x03\x12 \n\x1cSKIP_REASON_SCORES_TIMED_OUT\x10\x04\x12\x1e\n\x1aSKIP_REASON_SCORING_FAILED\x10\x05\x12\x1f\n\x1bSKIP_REASON_DESCRIBE_FAILED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12spr/v1/pairs.proto\x12\x06spr.v1\x1a\x13spr/v1/common.proto\x1a\x16spr/v1/describer.proto\"\x87\x01\n\nScoredText\x12\x14\n\x0c\x63\x61ndidate_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12\r\n\x05s_loc\x18\x04 \x01(\x01\x12\r\n\x05s_sem\x18\x05 \x01(\x01\x12\x0f\n\x07refined\x18\x06 \x01(\x08\x12\x16\n\x0e\x62oxes_replaced\x18\x07 \x01(\x05\"\xe6\x02\n\x0ePreferencePair\x12\x0f\n\x07pair_id\x18\x01 \x01(\t\x12\x11\n\tregion_id\x18\x02 \x01(\t\x12\x1e\n\x06region\x18\x03 \x01(\x0b\x32\x0e.spr.v1.Region\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\'\n\x0bprompt_mode\x18\x05 \x01(\x0e\x32\x12.spr.v1.PromptMode\x12\"\n\x06\x63hosen\x18\x06 \x01(\x0b\x32\x12.spr.v1.ScoredText\x12$\n\x08rejected\x18\x07 \x01(\x0b\x32\x12.spr.v1.ScoredText\x12\x0e\n\x06margin\x18\x08 \x01(\x01\x12\x12\n\nlambda_sem\x18\t \x01(\x01\x12 \n\x07lineage\x18\n \x01(\x0b\x32\x0f.spr.v1.Lineage\x12\r\n\x05\x64\x65lta\x18\x0b \x01(\x01\x12\x12\n\nrefine_iou\x18\x0c \x01(\x01\x12\x16\n\tiou_floor\x18\r \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_iou_floor\"\xab\x01\n\x0cPairDecision\x12\x11\n\tregion_id\x18\x01 \x01(\t\x12&\n\x04pair\x18\x02 \x01(\x0b\x32\x16.spr.v1.PreferencePairH\x00\x12\"\n\x04skip\x18\x03 \x01(\x0e\x32\x12.spr.v1.SkipReasonH\x00\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12 \n\x07lineage\x18\x05 \x01(\x0b\x32\x0f.spr.v1.LineageB\n\n\x08\x64\x65\x63ision*\xef\x01\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eSKIP_REASON_MARGIN_BELOW_DELTA\x10\x01\x12\x19\n\x15SKIP_REASON_SAME_TEXT\x10\x02\x12\"\n\x1eSKIP_REASON_TOO_FEW_CANDIDATES\x10\x03\x12 \n\x1cSKIP_REASON_SCORES_TIMED_OUT\x10\x04\x12\x1e\n\x1aSKIP_REASON_SCORING_FAILED\x10\x05\x12\x1f\n\x1bSKIP_REASON_DESCRIBE_FAILED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'spr.v1.pairs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SKIPREASON']._serialized_start=676
-  _globals['_SKIPREASON']._serialized_end=915
+  _globals['_SKIPREASON']._serialized_start=749
+  _globals['_SKIPREASON']._serialized_end=988
   _globals['_SCOREDTEXT']._serialized_start=76
   _globals['_SCOREDTEXT']._serialized_end=211
   _globals['_PREFERENCEPAIR']._serialized_start=214
-  _globals['_PREFERENCEPAIR']._serialized_end=499
-  _globals['_PAIRDECISION']._serialized_start=502
-  _globals['_PAIRDECISION']._serialized_end=673
+  _globals['_PREFERENCEPAIR']._serialized_end=572
+  _globals['_PAIRDECISION']._serialized_start=575
+  _globals['_PAIRDECISION']._serialized_end=746
 # @@protoc_insertion_point(module_scope)

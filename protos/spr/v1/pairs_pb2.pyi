@@ -100,6 +100,9 @@ class PreferencePair(_message.Message):
     MARGIN_FIELD_NUMBER: _builtins.int
     LAMBDA_SEM_FIELD_NUMBER: _builtins.int
     LINEAGE_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    REFINE_IOU_FIELD_NUMBER: _builtins.int
+    IOU_FLOOR_FIELD_NUMBER: _builtins.int
     pair_id: _builtins.str
     """idempotent: derived from region id + run id"""
     region_id: _builtins.str
@@ -107,6 +110,14 @@ class PreferencePair(_message.Message):
     prompt_mode: _describer_pb2.PromptMode.ValueType
     margin: _builtins.float
     lambda_sem: _builtins.float
+    delta: _builtins.float
+    """The other rules the pair was built with, beside lambda_sem (services.pairs.logic.PairRules):
+    minimum reward margin; regions below it were skipped
+    """
+    refine_iou: _builtins.float
+    """a described box at this IoU or more with a GT box was replaced by it"""
+    iou_floor: _builtins.float
+    """IoUs below it counted 0 in S_loc; unset: no floor"""
     @_builtins.property
     def region(self) -> _common_pb2.Region: ...
     @_builtins.property
@@ -128,12 +139,17 @@ class PreferencePair(_message.Message):
         margin: _builtins.float = ...,
         lambda_sem: _builtins.float = ...,
         lineage: _common_pb2.Lineage | None = ...,
+        delta: _builtins.float = ...,
+        refine_iou: _builtins.float = ...,
+        iou_floor: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "lineage", b"lineage", "region", b"region", "rejected", b"rejected"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_iou_floor", b"_iou_floor", "chosen", b"chosen", "iou_floor", b"iou_floor", "lineage", b"lineage", "region", b"region", "rejected", b"rejected"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "lambda_sem", b"lambda_sem", "lineage", b"lineage", "margin", b"margin", "pair_id", b"pair_id", "prompt", b"prompt", "prompt_mode", b"prompt_mode", "region", b"region", "region_id", b"region_id", "rejected", b"rejected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_iou_floor", b"_iou_floor", "chosen", b"chosen", "delta", b"delta", "iou_floor", b"iou_floor", "lambda_sem", b"lambda_sem", "lineage", b"lineage", "margin", b"margin", "pair_id", b"pair_id", "prompt", b"prompt", "prompt_mode", b"prompt_mode", "refine_iou", b"refine_iou", "region", b"region", "region_id", b"region_id", "rejected", b"rejected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__iou_floor: _TypeAlias = _typing.Literal["iou_floor"]  # noqa: Y015
+    _WhichOneofArgType__iou_floor: _TypeAlias = _typing.Literal["_iou_floor", b"_iou_floor"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__iou_floor) -> _WhichOneofReturnType__iou_floor | None: ...
 
 Global___PreferencePair: _TypeAlias = PreferencePair  # noqa: Y015
 
