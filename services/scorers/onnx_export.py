@@ -44,6 +44,7 @@ from services.scorers.semantic import backends as semantic
 DEFAULT_OPSET = 20
 DEFAULT_TOLERANCE = 1e-3
 DEFAULT_INT8_TOLERANCE = 0.25  # raw logits/embeddings; scores are compared in the tests
+SUPPORTED_MODEL_TYPES = ("grounding-dino", "owlv2", "owlvit", "clip", "siglip")
 
 
 @dataclass(frozen=True)
@@ -291,9 +292,15 @@ def export(
 ) -> list[Parity]:
     """Export whatever ``model_path`` holds (grounding model or dual encoder) into ``out``; with
     ``int8``, also dynamically quantized graphs (``graphs_int8`` in the manifest)."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{model_path} is not a transformers checkpoint folder (no config.json)")
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        supported = ", ".join(SUPPORTED_MODEL_TYPES)
+        raise ValueError(f"{model_path} holds a {model_type!r} model; spr-export-onnx exports {supported}")
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
-    model_type = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))["model_type"]
     if model_type in ("clip", "siglip"):
         model, processor = load_clip(model_path)
         return export_dual_encoder(model, processor, target, opset, str(model_path), int8)
@@ -316,7 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="max abs diff allowed for the int8 graphs (weights are rounded to 8 bits)",
     )
     args = parser.parse_args(argv)
-    results = export(args.model, args.out, args.opset, args.int8)
+    try:
+        results = export(args.model, args.out, args.opset, args.int8)
+    except (FileNotFoundError, ValueError) as error:  # not a checkpoint, or one of another kind
+        print(f"spr-export-onnx: error: {error}", file=sys.stderr)
+        return 2
     failed = False
     for r in results:
         limit = args.int8_tolerance if r.int8 else args.tolerance

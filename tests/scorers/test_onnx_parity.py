@@ -74,3 +74,14 @@ def test_export_command_prints_parity(
     out = capsys.readouterr().out
     assert "parity vision[0]: max abs diff" in out
     assert "OK: max abs diff" in out
+
+
+def test_export_command_refuses_what_it_cannot_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "is not a transformers checkpoint folder (no config.json)" in capsys.readouterr().err
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "bert"}', encoding="utf-8")
+    assert main([str(other), str(tmp_path / "out")]) == 2
+    assert "holds a 'bert' model; spr-export-onnx exports grounding-dino" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
