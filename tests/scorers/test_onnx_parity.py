@@ -76,7 +76,9 @@ def test_export_command_prints_parity(
     assert "OK: max abs diff" in out
 
 
-def test_export_command_refuses_what_it_cannot_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_command_refuses_what_it_cannot_export(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "is not a transformers checkpoint folder (no config.json)" in capsys.readouterr().err
     other = tmp_path / "bert"
