@@ -44,7 +44,6 @@ from services.scorers.semantic import backends as semantic
 DEFAULT_OPSET = 20
 DEFAULT_TOLERANCE = 1e-3
 DEFAULT_INT8_TOLERANCE = 0.25  # raw logits/embeddings; scores are compared in the tests
-SUPPORTED_MODEL_TYPES = ("grounding-dino", "owlv2", "owlvit", "clip", "siglip")
 
 
 @dataclass(frozen=True)
@@ -296,12 +295,12 @@ def export(
     if not config.is_file():
         raise FileNotFoundError(f"{model_path} is not a transformers checkpoint folder (no config.json)")
     model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        supported = ", ".join(SUPPORTED_MODEL_TYPES)
+    if model_type not in (*grounding.FAMILIES, *semantic.FAMILIES):
+        supported = ", ".join((*grounding.FAMILIES, *semantic.FAMILIES))
         raise ValueError(f"{model_path} holds a {model_type!r} model; spr-export-onnx exports {supported}")
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
-    if model_type in ("clip", "siglip"):
+    if model_type in semantic.FAMILIES:
         model, processor = load_clip(model_path)
         return export_dual_encoder(model, processor, target, opset, str(model_path), int8)
     model, processor = load_grounding_model(model_path)

@@ -360,13 +360,15 @@ def _detection(box: list[float], score: float) -> Detection:
     return Detection((x1, y1, x2, y2), score)
 
 
+#: transformers ``model_type`` -> the backend family that runs it.
+FAMILIES = {"grounding-dino": "grounding-dino", "owlv2": "owlv2", "owlvit": "owlv2"}
+
+
 def family_of(model: PreTrainedModel) -> str:
     """``grounding-dino`` or ``owlv2`` from the model type."""
     model_type = str(model.config.model_type)
-    if model_type == "grounding-dino":
-        return "grounding-dino"
-    if model_type in ("owlv2", "owlvit"):
-        return "owlv2"
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
     raise ValueError(f"unsupported grounding model type {model_type!r}")
 
 

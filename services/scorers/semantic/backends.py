@@ -247,10 +247,13 @@ class DualEncoder:
         return np.outer(inside_y, inside_x).astype(np.float32).reshape(-1)
 
 
+FAMILIES = ("clip", "siglip")  # transformers model types, each its own family
+
+
 def family_of(model: PreTrainedModel) -> str:
     """``clip`` or ``siglip``."""
     model_type = str(model.config.model_type)
-    if model_type in ("clip", "siglip"):
+    if model_type in FAMILIES:
         return model_type
     raise ValueError(f"unsupported image-text model type {model_type!r}")
 
