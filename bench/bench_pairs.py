@@ -1,7 +1,8 @@
 """Benchmark: the pair builder's throughput in scored candidates per second and its region-to-pair latency
 (``python bench/bench_pairs.py``).
 
-1. **Core**: the join state and ``decide`` alone, in process, on already decoded records.
+1. **Core**: the join state and ``decide_all`` alone, in process, on already decoded records: one region
+   at a time (the baseline), then the regions of a whole poll together, as the builder decides them.
 2. **Through the broker**: a backlog of every region's three records is produced first, then one
    ``PairBuilder`` (this process, one thread) consumes, joins, decides, produces and commits until
    every region has its decision. The ratio to (1) is what the Kafka plumbing costs.
@@ -28,7 +29,8 @@ from services.devstack.broker import BrokerProcess
 from services.pairs import metrics
 from services.pairs.builder import PairBuilder
 from services.pairs.join import JoinState, Kind, Status
-from services.pairs.logic import PairRules, decide, mismatch
+from services.pairs.logic import PairRules, decide_all, mismatch
+from services.pairs.settings import PairBuilderSettings
 from tests.pairs.stream import StreamTopics, read_raw, region_messages
 
 CANDIDATES = 8
@@ -39,19 +41,24 @@ def make_regions(count: int, prefix: str) -> Messages:
     return [(f"{prefix}/{i}", region_messages(f"{prefix}/{i}")) for i in range(count)]
 
 
-def core_rate(regions: Messages, rules: PairRules) -> float:
-    """Scored candidates per second through JoinState + mismatch + decide."""
+def core_rate(regions: Messages, rules: PairRules, poll_records: int) -> float:
+    """Scored candidates per second through JoinState + mismatch + decide_all, regions decided together
+    per ``poll_records`` records, as the builder decides the regions one poll completes."""
     kinds = {"d": Kind.DESCRIPTION, "l": Kind.LOCALIZATION, "s": Kind.SEMANTIC}
     state = JoinState(kinds, kinds.values(), 1_000_000)
+    per_poll = max(1, poll_records // 3)
     started = time.perf_counter()
-    for offset, (region_id, messages) in enumerate(regions):
-        for topic, message in zip(("d", "l", "s"), messages, strict=True):
-            added = state.add(ConsumedRecord(topic, 0, offset, region_id, message, 1, 0, ()), 0.0)
-        assert added.status is Status.COMPLETE and added.region is not None
-        record, loc, sem = messages
-        assert not mismatch(record, loc, sem)
-        decide(record, loc, sem, rules)
-        state.close(added.region)
+    for first in range(0, len(regions), per_poll):
+        complete = []
+        for offset, (region_id, messages) in enumerate(regions[first : first + per_poll], first):
+            for topic, message in zip(("d", "l", "s"), messages, strict=True):
+                added = state.add(ConsumedRecord(topic, 0, offset, region_id, message, 1, 0, ()), 0.0)
+            assert added.status is Status.COMPLETE and added.region is not None
+            assert not mismatch(*messages)
+            complete.append(added.region)
+        decide_all([messages for _, messages in regions[first : first + per_poll]], rules)
+        for region in complete:
+            state.close(region)
     return len(regions) * CANDIDATES / (time.perf_counter() - started)
 
 
@@ -125,9 +132,15 @@ def main() -> None:
 
     backlog, paced = make_regions(args.regions, "bench"), make_regions(args.latency_regions, "paced")
     rules = PairRules(run_id="bench")
-    core_rate(backlog[:200], rules)  # warm-up
-    core = core_rate(backlog, rules)
-    print(f"join + decide alone:       {core:10.0f} scored candidates/s ({core / CANDIDATES:.0f} regions/s)")
+    poll_records = PairBuilderSettings.model_fields["batch_size"].default
+    core_rate(backlog[:200], rules, poll_records)  # warm-up
+    one_by_one = core_rate(backlog, rules, 3)
+    core = core_rate(backlog, rules, poll_records)
+    print(f"join + decide, one region at a time: {one_by_one:8.0f} scored candidates/s")
+    regions_s = core / CANDIDATES
+    label = f"join + decide, {poll_records}-record polls:"
+    print(f"{label} {core:8.0f} scored candidates/s ({regions_s:.0f} regions/s)")
+    print(f"ratio batched / one at a time:       {core / one_by_one:8.2f}")
     print(f"broker {args.broker}, fetch CRC checks {'off' if args.no_check_crcs else 'on'}")
     with BrokerProcess(args.broker) as broker:
         kafka = broker.settings()

@@ -42,7 +42,7 @@ class ScoredCandidate:
 
     def __post_init__(self) -> None:
         # A NaN reward would silently win or lose every comparison in select_pair.
-        if not all(math.isfinite(v) for v in (self.s_sem, self.s_loc, self.reward)):
+        if not (math.isfinite(self.s_sem) and math.isfinite(self.s_loc) and math.isfinite(self.reward)):
             raise ValueError(f"candidate {self.candidate_id!r} has a non-finite score")
 
     @classmethod

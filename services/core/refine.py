@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import numpy.typing as npt
@@ -17,7 +18,7 @@ from services.core.formats import (
     rewrite_mentions,
     to_native,
 )
-from services.core.scoring import as_box_array, iou_matrix, scores_from_ious
+from services.core.scoring import as_box_array, box_iou
 
 REFINE_IOU_THRESHOLD = 0.5
 
@@ -126,18 +127,36 @@ def match_to_gt(
     """Which boxes of each candidate refinement replaces, and by what: ``{row: Replacement}`` per
     candidate, rows of its ``(k, 4)`` full-image array (its boxed mentions in order).
 
-    The region's work is shared: one IoU matrix for all candidates' boxes, and each GT box is
-    converted to the model's frame and format once however many candidates it replaces a box in.
     Refined scores need only this; the text itself is rewritten by :func:`rewrite_mentions`.
     """
-    gt = as_box_array(gt_boxes)
-    every_box = np.concatenate(boxes_in_image) if boxes_in_image else np.zeros((0, 4))
-    segments, start = [], 0
-    for boxes in boxes_in_image:
-        segments.append((start, len(boxes)))
-        start += len(boxes)
-    frame = _Frame(fmt, crop, frame_w, frame_h)
-    return _match_segments(iou_matrix(every_box, gt).tolist(), segments, gt, frame, iou_threshold)
+    region = RegionBoxes(
+        own=[boxes.tolist() for boxes in boxes_in_image],
+        grounded=[[] for _ in boxes_in_image],
+        gt=as_box_array(gt_boxes).tolist(),
+        frame=Frame(fmt, crop, frame_w, frame_h),
+    )
+    return [refined.matches for refined in refine_regions([region], iou_threshold=iou_threshold)[0]]
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """How the model saw a region: its box format and the crop shown as a width x height image
+    (``crop`` None: the full image)."""
+
+    fmt: CoordinateFormat
+    crop: Box | None
+    width: float
+    height: float
+
+
+@dataclass(frozen=True, slots=True)
+class RegionBoxes:
+    """One region as refinement needs it, every box in full-image pixels ``x1, y1, x2, y2``."""
+
+    own: Sequence[Sequence[Coords]]  # per candidate: the boxes of its boxed mentions, in mention order
+    grounded: Sequence[Sequence[Coords]]  # per candidate: the boxes the grounding model found for it
+    gt: Sequence[Coords]
+    frame: Frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,81 +167,163 @@ class RefinedScore:
     s_loc: float
 
 
-def refined_localization_scores(
-    own: Sequence[Sequence[Coords]],
-    grounded: Sequence[Sequence[Coords]],
-    gt_boxes: npt.ArrayLike,
-    fmt: CoordinateFormat,
-    frame_w: float,
-    frame_h: float,
-    crop: Box | None = None,
+def refine_regions(
+    regions: Sequence[RegionBoxes],
     iou_floor: float | None = None,
     iou_threshold: float = REFINE_IOU_THRESHOLD,
-) -> list[RefinedScore]:
-    """Refine every candidate of one region and score it against the GT (SPEC §2 "Refinement").
+) -> list[list[RefinedScore]]:
+    """Refine every candidate of every region and score it against its region's GT (SPEC §2).
 
-    ``own[i]`` are candidate i's boxed mentions and ``grounded[i]`` the boxes the grounding model found
-    for its phrases, all full-image pixels. P of the refined candidate is its own boxes, the matched
-    ones replaced by their GT box as written, plus the grounded ones. One IoU matrix serves the whole
-    region: the matching reads its own rows, the replaced rows are swapped for the IoUs of the written
-    GT boxes, and :func:`scores_from_ious` takes the per-candidate maxima.
+    P of a refined candidate is its own boxes, those matching a GT box (IoU > ``iou_threshold``,
+    one-to-one, greedy by IoU) replaced by that GT box as the model would write it, plus its grounded
+    boxes; ``S_loc = (1/n) Σ_g max_p IoU(g, p)``, best IoUs below ``iou_floor`` counted as 0.
+
+    The numeric work of all regions is shared: one IoU array of every box against its region's GT
+    (padded to the largest GT count with empty boxes, whose IoU is always 0), vectorised matching with
+    Python's greedy order only for the candidates where two boxes compete, and one re-scoring of the
+    replaced boxes. Deciding a whole poll of regions at once is what lets one core keep up with the
+    stream (``bench/bench_pairs.py``).
     """
-    gt = as_box_array(gt_boxes)
-    rows: list[Coords] = []
-    own_segments, counts = [], []
-    for mine, found in zip(own, grounded, strict=True):
-        own_segments.append((len(rows), len(mine)))
-        counts.append(len(mine) + len(found))
-        rows += mine
-        rows += found
-    ious = iou_matrix(rows, gt)
-    frame = _Frame(fmt, crop, frame_w, frame_h)
-    matches = _match_segments(ious.tolist(), own_segments, gt, frame, iou_threshold)
-    replaced = [
-        (start + row, replacement.in_image)
-        for (start, _), matched in zip(own_segments, matches, strict=True)
-        for row, replacement in matched.items()
-    ]
-    if replaced:
-        ious[[row for row, _ in replaced]] = iou_matrix([box for _, box in replaced], gt)
-    scores = scores_from_ious(ious.T, counts, iou_floor)
-    return [RefinedScore(m, s.s_loc) for m, s in zip(matches, scores, strict=True)]
+    if not regions:
+        return []
+    stack = _Stack.of(regions)
+    ious = box_iou(stack.rows[:, None, :], stack.gt[stack.row_region])  # (rows, largest GT count)
+    accepted = _matches(stack, ious, iou_threshold)
+    written = _written(stack, regions, accepted)
+    if written:
+        replaced_rows = np.array(list(written))
+        boxes = np.array([replacement.in_image for replacement in written.values()])
+        ious[replaced_rows] = box_iou(boxes[:, None, :], stack.gt[stack.row_region[replaced_rows]])
+    s_loc = _scores(stack, ious, iou_floor)
+    matches: list[dict[int, Replacement]] = [{} for _ in range(len(stack.cand_start))]
+    for row, replacement in written.items():
+        candidate = int(stack.row_cand[row])
+        matches[candidate][row - int(stack.cand_start[candidate])] = replacement
+    scored = [RefinedScore(m, s) for m, s in zip(matches, s_loc.tolist(), strict=True)]
+    bounds = stack.region_cands.tolist()
+    return [scored[bounds[i] : bounds[i + 1]] for i in range(len(regions))]
 
 
 @dataclass(frozen=True, slots=True)
-class _Frame:
-    """How the model saw the region: its box format and the crop shown as a frame_w x frame_h image."""
+class _Stack:
+    """Every region's boxes as flat arrays: rows = candidates' own boxes then grounded ones, candidate
+    after candidate, region after region; GT padded per region."""
 
-    fmt: CoordinateFormat
-    crop: Box | None
-    width: float
-    height: float
+    rows: FloatArray  # (rows, 4)
+    row_cand: npt.NDArray[np.intp]  # candidate (over all regions) of each row
+    row_region: npt.NDArray[np.intp]
+    is_own: npt.NDArray[np.bool_]
+    cand_start: npt.NDArray[np.intp]  # first row of each candidate
+    cand_rows: npt.NDArray[np.intp]  # rows of each candidate (own + grounded)
+    cand_own: npt.NDArray[np.intp]  # its own boxes among them (the first ones)
+    cand_region: npt.NDArray[np.intp]
+    region_cands: npt.NDArray[np.intp]  # candidate bounds: region i has candidates [b[i], b[i + 1])
+    gt: FloatArray  # (regions, largest GT count, 4), padded with (0, 0, 0, 0)
+    gt_count: npt.NDArray[np.intp]
+
+    @classmethod
+    def of(cls, regions: Sequence[RegionBoxes]) -> _Stack:
+        rows: list[Coords] = []
+        own_counts: list[int] = []
+        found_counts: list[int] = []
+        for region in regions:
+            for own, found in zip(region.own, region.grounded, strict=True):
+                rows += own
+                rows += found
+                own_counts.append(len(own))
+                found_counts.append(len(found))
+        own_count, found_count = np.array(own_counts, np.intp), np.array(found_counts, np.intp)
+        cand_rows = own_count + found_count
+        cand_start = np.cumsum(cand_rows) - cand_rows
+        row_cand = np.repeat(np.arange(len(cand_rows)), cand_rows)
+        cands_per_region = np.array([len(r.own) for r in regions], np.intp)
+        cand_region = np.repeat(np.arange(len(regions)), cands_per_region)
+        gt_count = np.array([len(r.gt) for r in regions], np.intp)
+        gt = np.zeros((len(regions), max(1, int(gt_count.max())), 4))
+        for i, region in enumerate(regions):
+            if len(region.gt):
+                gt[i, : len(region.gt)] = region.gt
+        return cls(
+            # One flat float iterator: np.array on a list of tuples costs ~1 µs per box.
+            rows=np.fromiter(chain.from_iterable(rows), np.float64, 4 * len(rows)).reshape(-1, 4),
+            row_cand=row_cand,
+            row_region=cand_region[row_cand],
+            is_own=(np.arange(len(rows)) - cand_start[row_cand]) < own_count[row_cand],
+            cand_start=cand_start,
+            cand_rows=cand_rows,
+            cand_own=own_count,
+            cand_region=cand_region,
+            region_cands=np.concatenate(([0], np.cumsum(cands_per_region))),
+            gt=gt,
+            gt_count=gt_count,
+        )
 
 
-def _match_segments(
-    ious: list[list[float]],
-    segments: Sequence[tuple[int, int]],
-    gt: FloatArray,
-    frame: _Frame,
-    iou_threshold: float,
-) -> list[dict[int, Replacement]]:
-    """Greedy matches of each candidate's rows ``(start, count)`` of ``ious`` (rows x GT), with each
-    GT box written in the model's format once for the whole region."""
-    written: dict[int, Replacement | None] = {}
-    matches = []
-    for start, count in segments:
-        matched: dict[int, Replacement] = {}
-        for row, col in _greedy(ious[start : start + count], iou_threshold):
-            if col not in written:
-                written[col] = _replacement(Box(*gt[col].tolist()), frame)
-            replacement = written[col]
-            if replacement is not None:
-                matched[row] = replacement
-        matches.append(matched)
-    return matches
+def _matches(stack: _Stack, ious: FloatArray, iou_threshold: float) -> list[tuple[int, int]]:
+    """``(row, GT column)`` of every own box refinement replaces, one-to-one within each candidate.
+
+    Greedy by IoU, as :func:`greedy_match`; it only matters where a box passes the threshold with two
+    GT boxes or two boxes of one candidate pass it with the same GT box. Every other hit is kept as is.
+    """
+    hit_rows, hit_cols = np.nonzero((ious > iou_threshold) & stack.is_own[:, None])
+    hit_cands = stack.row_cand[hit_rows]
+    competing = (np.bincount(hit_rows, minlength=len(stack.rows))[hit_rows] > 1) | _repeated(
+        hit_cands * ious.shape[1] + hit_cols
+    )
+    accepted = list(zip(hit_rows[~competing].tolist(), hit_cols[~competing].tolist(), strict=True))
+    for candidate in np.unique(hit_cands[competing]).tolist():
+        start = int(stack.cand_start[candidate])
+        own = ious[start : start + int(stack.cand_own[candidate])]  # a candidate's own boxes come first
+        accepted += [(start + row, col) for row, col in _greedy(own.tolist(), iou_threshold)]
+    return accepted
 
 
-def _replacement(gt: Box, frame: _Frame) -> Replacement | None:
+def _repeated(keys: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+    """Whether each key occurs more than once."""
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    repeated: npt.NDArray[np.bool_] = counts[inverse] > 1
+    return repeated
+
+
+def _written(
+    stack: _Stack, regions: Sequence[RegionBoxes], accepted: list[tuple[int, int]]
+) -> dict[int, Replacement]:
+    """The replacement of each matched row: its GT box as written, converted once per region and GT box.
+
+    A GT box that vanishes on the model's grid (which one matched at IoU > 0.5 should not) replaces
+    nothing."""
+    if not accepted:
+        return {}
+    rows, cols = np.array(accepted, dtype=np.intp).T
+    _, first, inverse = np.unique(
+        stack.row_region[rows] * stack.gt.shape[1] + cols, return_index=True, return_inverse=True
+    )
+    by_gt = [
+        _replacement(Box(*stack.gt[region, col].tolist()), regions[region].frame)
+        for region, col in zip(stack.row_region[rows[first]].tolist(), cols[first].tolist(), strict=True)
+    ]
+    return {
+        row: by_gt[key]
+        for row, key in zip(rows.tolist(), inverse.tolist(), strict=True)
+        if by_gt[key] is not None
+    }
+
+
+def _scores(stack: _Stack, ious: FloatArray, iou_floor: float | None) -> FloatArray:
+    """S_loc of every candidate from the IoUs of its rows (0 with no box or no GT)."""
+    s_loc = np.zeros(len(stack.cand_start))
+    boxed = np.flatnonzero(stack.cand_rows)  # reduceat cannot express an empty segment
+    if len(boxed) == 0:
+        return s_loc
+    best = np.maximum.reduceat(ious, stack.cand_start[boxed], axis=0)  # (boxed candidates, GT)
+    if iou_floor is not None:
+        best[best < iou_floor] = 0.0
+    gt_count = stack.gt_count[stack.cand_region[boxed]]
+    s_loc[boxed] = best.sum(axis=1) / np.maximum(gt_count, 1)
+    return s_loc
+
+
+def _replacement(gt: Box, frame: Frame) -> Replacement | None:
     native = _gt_as_written(gt, frame.fmt, frame.crop, frame.width, frame.height)
     if native is None:
         return None

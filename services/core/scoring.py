@@ -31,21 +31,28 @@ def iou_matrix(a: npt.ArrayLike, b: npt.ArrayLike) -> FloatArray:
     ``IoU = |a ∩ b| / |a ∪ b|``; a pair whose union has zero area (two degenerate boxes) scores 0.
     """
     a, b = as_box_array(a), as_box_array(b)
-    # Columns of a against rows of b: broadcasting builds the (N, M) matrix without Python loops.
-    ax1, ay1, ax2, ay2 = a[:, 0, None], a[:, 1, None], a[:, 2, None], a[:, 3, None]
-    bx1, by1, bx2, by2 = b.T
+    return box_iou(a[:, None, :], b[None, :, :])
+
+
+def box_iou(a: FloatArray, b: FloatArray) -> FloatArray:
+    """IoU of boxes ``a[..., :]`` and ``b[..., :]`` (last axis ``x1, y1, x2, y2``), broadcast as numpy does.
+
+    A pair whose union has zero area (two degenerate boxes) scores 0.
+    """
+    ax1, ay1, ax2, ay2 = a[..., 0], a[..., 1], a[..., 2], a[..., 3]
+    bx1, by1, bx2, by2 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
     width = np.maximum(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0.0)
     height = np.maximum(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0.0)
     intersection = width * height
-    union = _areas(a)[:, None] + _areas(b) - intersection
+    union = _areas(a) + _areas(b) - intersection
     # A zero union (two degenerate boxes) comes with a zero intersection: 0 / tiny = 0, no warning.
     ious: FloatArray = intersection / np.maximum(union, _TINY)
     return ious
 
 
 def _areas(boxes: FloatArray) -> FloatArray:
-    sides = np.maximum(boxes[:, 2:] - boxes[:, :2], 0.0)
-    areas: FloatArray = sides[:, 0] * sides[:, 1]
+    sides = np.maximum(boxes[..., 2:] - boxes[..., :2], 0.0)
+    areas: FloatArray = sides[..., 0] * sides[..., 1]
     return areas
 
 

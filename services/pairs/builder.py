@@ -10,9 +10,10 @@ decision (keyed by region id) lands on partition p of ``pairs`` too.
 both score records are there (only the localization one when ``lambda_sem == 0``). The records must name
 the same candidates and run id (:func:`~services.pairs.logic.mismatch`), else they all go to the
 dead-letter topic (code ``RECORDS_MISMATCH``) and the region gets no decision: no skip reason fits, and
-the dead letters are where such a region ends. Otherwise :func:`~services.pairs.logic.decide` refines,
+the dead letters are where such a region ends. Otherwise :func:`~services.pairs.logic.decide_all` refines,
 re-scores and applies the margin rule, and the decision is produced with the idempotent pair id
-``pair_id(region id, run id)``.
+``pair_id(region id, run id)``. The regions one poll completes are decided together, in one batch: the
+numeric work of refinement is shared, which is most of what one core can decide per second.
 
 **Nothing lost: state rebuilt from the topics, no checkpoint.** Offsets are committed only after every
 decision and dead letter sent so far is acknowledged. The offset committed on an input partition is
@@ -87,8 +88,8 @@ from services.common.topics import (
     stream_topics,
 )
 from services.pairs import metrics
-from services.pairs.join import Added, JoinState, Kind, OpenRegion, Status
-from services.pairs.logic import decide, mismatch, timed_out, upstream_failed, upstream_failure
+from services.pairs.join import JoinState, Kind, OpenRegion, Status
+from services.pairs.logic import decide_all, mismatch, timed_out, upstream_failed, upstream_failure
 from services.pairs.settings import PairBuilderSettings
 from spr.v1 import common_pb2, pairs_pb2
 
@@ -178,9 +179,11 @@ class PairBuilder:
         self._apply_rebalances()
         now = self.clock()
         owned = self.consumer.raw.assignment()
+        complete: list[OpenRegion] = []
         for record in polled:
             if KafkaTopicPartition(record.topic, record.partition) in owned:  # else fetched before a revoke
-                self._consume(record, now)
+                self._consume(record, now, complete)
+        self._decide(complete)
         for region in self.state.overdue(now, self.settings.timeout_s, self._caught_up):
             self._time_out(region, now)
         self._settle(now)
@@ -199,7 +202,7 @@ class PairBuilder:
 
     # --- one record -----------------------------------------------------------------------------
 
-    def _consume(self, record: Polled, now: float) -> None:
+    def _consume(self, record: Polled, now: float, complete: list[OpenRegion]) -> None:
         self._consumed[(record.topic, record.partition)] = record.offset + 1
         self._records_metric[record.topic].inc()
         if isinstance(record, UndecodableRecord):
@@ -209,31 +212,45 @@ class PairBuilder:
         if added.status in (Status.LATE, Status.DUPLICATE):
             metrics.DROPPED.labels(added.status.value, record.topic).inc()
         elif added.status is Status.COMPLETE:
-            self._complete(added)
+            assert added.region is not None  # COMPLETE always names its region
+            complete.append(added.region)  # decided with the rest of the poll; later records: DUPLICATE
 
-    def _complete(self, added: Added) -> None:
-        region = added.region
-        assert region is not None  # COMPLETE always names its region
-        description = region.message(Kind.DESCRIPTION)
-        localization, semantic = region.message(Kind.LOCALIZATION), region.message(Kind.SEMANTIC)
-        problem = mismatch(description, localization, semantic)
-        if problem:
-            self._reject(region, CODE_MISMATCH, problem)
-            return
-        failure = upstream_failure(description, localization, semantic)
-        if failure is not None:  # the failing stage dead-lettered its input already
-            self._produce(region, upstream_failed(description, failure, self.rules), 0)
-            return
+    def _decide(self, complete: list[OpenRegion]) -> None:
+        """One decision (or dead letters) for every region the poll completed, in completion order."""
+        decidable: list[OpenRegion] = []
+        for region in complete:
+            description = region.message(Kind.DESCRIPTION)
+            localization, semantic = region.message(Kind.LOCALIZATION), region.message(Kind.SEMANTIC)
+            problem = mismatch(description, localization, semantic)
+            failure = None if problem else upstream_failure(description, localization, semantic)
+            if problem:
+                self._reject(region, CODE_MISMATCH, problem)
+            elif failure is not None:  # the failing stage dead-lettered its input already
+                self._produce(region, upstream_failed(description, failure, self.rules), 0)
+            else:
+                decidable.append(region)
+        for region, decision in zip(decidable, self._decisions(decidable), strict=True):
+            if isinstance(decision, ValueError):  # e.g. an unknown coordinate format, a non-finite score
+                self._reject(region, CODE_INVALID, str(decision))
+            elif isinstance(decision, Exception):  # a bug must not stop the stream: dead-letter the region
+                self._reject(region, CODE_INTERNAL, f"{type(decision).__name__}: {decision}")
+            else:
+                self._produce(region, decision, len(region.message(Kind.DESCRIPTION).candidates))
+
+    def _decisions(self, regions: list[OpenRegion]) -> list[pairs_pb2.PairDecision | Exception]:
+        """``decide_all`` of the regions; when the batch raises (a bug), each region alone, so that only
+        the region that triggers it is dead-lettered (with the trace logged)."""
+        inputs = [
+            (r.message(Kind.DESCRIPTION), r.message(Kind.LOCALIZATION), r.message(Kind.SEMANTIC))
+            for r in regions
+        ]
         try:
-            decision = decide(description, localization, semantic, self.rules)
-        except ValueError as exc:  # e.g. an unknown coordinate format, a non-finite score
-            self._reject(region, CODE_INVALID, str(exc))
-            return
-        except Exception as exc:  # a bug must not stop the stream: dead-letter the region, log the trace
-            _LOG.exception("unexpected error deciding region %s", region.region_id)
-            self._reject(region, CODE_INTERNAL, f"{type(exc).__name__}: {exc}")
-            return
-        self._produce(region, decision, len(description.candidates))
+            return list(decide_all(inputs, self.rules))
+        except Exception as exc:
+            if len(regions) > 1:
+                return [self._decisions([region])[0] for region in regions]
+            _LOG.exception("unexpected error deciding region %s", regions[0].region_id)
+            return [exc]
 
     def _time_out(self, region: OpenRegion, now: float) -> None:
         missing = self.state.missing(region)
@@ -512,11 +529,12 @@ def _observe(decision: pairs_pb2.PairDecision, join_seconds: float, candidates: 
     metrics.JOIN_SECONDS.observe(join_seconds)
     metrics.CANDIDATES.inc(candidates)
     if decision.WhichOneof("decision") == "pair":
-        metrics.DECISIONS.labels("pair").inc()
-        metrics.REWARD.labels("chosen").observe(decision.pair.chosen.reward)
-        metrics.REWARD.labels("rejected").observe(decision.pair.rejected.reward)
-        metrics.MARGIN.observe(decision.pair.margin)
-        metrics.BOXES_REPLACED.observe(decision.pair.chosen.boxes_replaced)
+        pair = decision.pair
+        metrics.PAIRS_BUILT.inc()
+        metrics.CHOSEN_REWARD.observe(pair.chosen.reward)
+        metrics.REJECTED_REWARD.observe(pair.rejected.reward)
+        metrics.MARGIN.observe(pair.margin)
+        metrics.BOXES_REPLACED.observe(pair.chosen.boxes_replaced)
     else:
         name = pairs_pb2.SkipReason.Name(decision.skip).removeprefix("SKIP_REASON_").lower()
         metrics.DECISIONS.labels(name).inc()

@@ -32,7 +32,14 @@ from services.core import (
 )
 from services.core.boxes import image_to_frame
 from services.core.formats import Mention, mention_boxes_in_image, rewrite_mentions
-from services.core.refine import REFINE_IOU_THRESHOLD, refinable, refined_localization_scores
+from services.core.refine import (
+    REFINE_IOU_THRESHOLD,
+    Frame,
+    RefinedScore,
+    RegionBoxes,
+    refinable,
+    refine_regions,
+)
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 
 
@@ -56,25 +63,53 @@ def _by_candidate(scores: list, ids: list[str]) -> dict[str, object]:  # type: i
     return {i: found[i] for i in ids if i in found}
 
 
+RegionRecords = tuple[
+    describer_pb2.DescriptionRecord,
+    scoring_pb2.LocalizationScoreRecord,
+    scoring_pb2.SemanticScoreRecord | None,
+]
+
+
 def decide(
     record: describer_pb2.DescriptionRecord,
     localization: scoring_pb2.LocalizationScoreRecord,
     semantic: scoring_pb2.SemanticScoreRecord | None,
     rules: PairRules,
 ) -> pairs_pb2.PairDecision:
-    """Exactly one decision for the region of `record`: a pair, or a skip with its reason."""
-    if semantic is None and rules.lambda_sem != 0:
-        raise ValueError("a semantic score record is required unless lambda_sem == 0")
-    ids = [c.candidate_id for c in record.candidates]
-    loc = _by_candidate(list(localization.scores), ids)
-    sem = _by_candidate(list(semantic.scores), ids) if semantic is not None else {}
-    scored = [
-        c for c in record.candidates if c.candidate_id in loc and (semantic is None or c.candidate_id in sem)
-    ]
-    initial = [_initial(c, loc[c.candidate_id], sem.get(c.candidate_id), rules) for c in scored]  # type: ignore[arg-type]
-    refined = _best_refined(record, scored, loc, initial, rules)  # type: ignore[arg-type]
-    choice = select_pair(initial, refined, rules.delta)
-    return _decision(record, localization, semantic, choice, rules)
+    """Exactly one decision for the region of `record`: a pair, or a skip with its reason.
+
+    Raises ValueError for records it cannot decide (an unknown coordinate format, a non-finite score).
+    """
+    (decision,) = decide_all([(record, localization, semantic)], rules)
+    if isinstance(decision, ValueError):
+        raise decision
+    return decision
+
+
+def decide_all(
+    regions: Sequence[RegionRecords], rules: PairRules
+) -> list[pairs_pb2.PairDecision | ValueError]:
+    """:func:`decide` for many regions at once, in order: each gets its decision, or the ValueError that
+    makes it undecidable (which leaves the others unaffected).
+
+    Refinement's numeric work is done for all of them together (:func:`refine_regions`): the pair
+    builder decides every region a poll completed in one call.
+    """
+    prepared = [_prepare(*region, rules) for region in regions]
+    boxes = [p.boxes for p in prepared if isinstance(p, _Prepared) and p.boxes is not None]
+    refined = iter(refine_regions(boxes, rules.iou_floor, rules.refine_iou))
+    decisions: list[pairs_pb2.PairDecision | ValueError] = []
+    for region in prepared:
+        if isinstance(region, ValueError):
+            decisions.append(region)
+            continue
+        scores = next(refined) if region.boxes is not None else []
+        try:
+            choice = select_pair(region.initial, _best_refined(region, scores, rules), rules.delta)
+            decisions.append(_decision(region.record, region.localization, region.semantic, choice, rules))
+        except ValueError as exc:
+            decisions.append(exc)
+    return decisions
 
 
 def mismatch(
@@ -180,43 +215,82 @@ def _initial(
     )
 
 
-def _best_refined(
+@dataclass(frozen=True)
+class _Prepared:
+    """One region's records with its initial candidates scored and its boxes ready for refinement."""
+
+    record: describer_pb2.DescriptionRecord
+    localization: scoring_pb2.LocalizationScoreRecord
+    semantic: scoring_pb2.SemanticScoreRecord | None
+    candidates: list[describer_pb2.Candidate]  # those both scorers scored
+    initial: list[ScoredCandidate]
+    boxes: RegionBoxes | None  # None: nothing to refine (no candidate, or no frame size)
+
+
+def _prepare(
+    record: describer_pb2.DescriptionRecord,
+    localization: scoring_pb2.LocalizationScoreRecord,
+    semantic: scoring_pb2.SemanticScoreRecord | None,
+    rules: PairRules,
+) -> _Prepared | ValueError:
+    try:
+        if semantic is None and rules.lambda_sem != 0:
+            raise ValueError("a semantic score record is required unless lambda_sem == 0")
+        ids = [c.candidate_id for c in record.candidates]
+        loc = _by_candidate(list(localization.scores), ids)
+        sem = _by_candidate(list(semantic.scores), ids) if semantic is not None else {}
+        scored = [
+            c
+            for c in record.candidates
+            if c.candidate_id in loc and (semantic is None or c.candidate_id in sem)
+        ]
+        initial = [_initial(c, loc[c.candidate_id], sem.get(c.candidate_id), rules) for c in scored]  # type: ignore[arg-type]
+        boxes = _region_boxes(record, scored, loc)  # type: ignore[arg-type]
+    except ValueError as exc:
+        return exc
+    return _Prepared(record, localization, semantic, scored, initial, boxes)
+
+
+def _region_boxes(
     record: describer_pb2.DescriptionRecord,
     candidates: list[describer_pb2.Candidate],
     loc: dict[str, scoring_pb2.LocalizationScore],
-    initial: list[ScoredCandidate],
-    rules: PairRules,
-) -> list[ScoredCandidate]:
-    """Refine every candidate, re-score its S_loc against GT (S_sem carried over: see module doc) and
-    return the best refined candidate, the only one `select_pair` can choose ([] when none).
+) -> RegionBoxes | None:
+    if not candidates or not record.frame_width or not record.frame_height:
+        return None
+    frame_w, frame_h = record.frame_width, record.frame_height
+    crop = Box(*_box(record.crop_box))
+    return RegionBoxes(
+        own=[_boxes_in_image(c, crop, frame_w, frame_h) for c in candidates],
+        grounded=[
+            [(b.x1, b.y1, b.x2, b.y2) for g in loc[c.candidate_id].grounded for b in (g.box,)]
+            for c in candidates
+        ],
+        gt=[(b.x1, b.y1, b.x2, b.y2) for o in record.region.ground_truth for b in (o.box,)],
+        frame=Frame(CoordinateFormat(candidates[0].coordinate_format), crop, frame_w, frame_h),
+    )
+
+
+def _best_refined(region: _Prepared, refined: list[RefinedScore], rules: PairRules) -> list[ScoredCandidate]:
+    """The best refined candidate, the only one `select_pair` can choose ([] when none); its S_sem is
+    carried over (see module doc).
 
     Only that candidate's text is rewritten: scores need just the refined boxes.
     """
-    if not candidates or not record.frame_width or not record.frame_height:
+    if not refined:
         return []
-    frame_w, frame_h = record.frame_width, record.frame_height
-    crop = Box(*_box(record.crop_box))
-    fmt = CoordinateFormat(candidates[0].coordinate_format)
-    refined = refined_localization_scores(
-        [_boxes_in_image(c, crop, frame_w, frame_h) for c in candidates],
-        [[_box(g.box) for g in loc[c.candidate_id].grounded] for c in candidates],
-        [_box(o.box) for o in record.region.ground_truth],
-        fmt,
-        frame_w,
-        frame_h,
-        crop,
-        rules.iou_floor,
-        rules.refine_iou,
-    )
+    initial = region.initial
     rewards = [
         reward(b.s_sem, score.s_loc, rules.lambda_sem) for b, score in zip(initial, refined, strict=True)
     ]
     best = max(range(len(rewards)), key=rewards.__getitem__)  # the first of equals, as select_pair
-    candidate = candidates[best]
-    mentions = _frame_mentions(candidate, crop, frame_w, frame_h)
+    candidate, record = region.candidates[best], region.record
+    crop = Box(*_box(record.crop_box))
+    mentions = _frame_mentions(candidate, crop, record.frame_width, record.frame_height)
     rows = refinable(mentions)
+    new_boxes = {rows[row]: r.native for row, r in refined[best].matches.items()}
     text, _ = rewrite_mentions(
-        candidate.text, mentions, {rows[row]: r.native for row, r in refined[best].matches.items()}, fmt
+        candidate.text, mentions, new_boxes, CoordinateFormat(candidate.coordinate_format)
     )
     return [
         ScoredCandidate(
@@ -240,7 +314,7 @@ def _boxes_in_image(
     that does not fill them) is parsed here. Parsing every text again was ~40 % of a decision.
     """
     if candidate.mentions:
-        return [_box(m.box) for m in candidate.mentions if m.has_box]
+        return [(b.x1, b.y1, b.x2, b.y2) for m in candidate.mentions if m.has_box for b in (m.box,)]
     mentions = _frame_mentions(candidate, crop, frame_w, frame_h)
     boxes = mention_boxes_in_image([mentions[i] for i in refinable(mentions)], crop, frame_w, frame_h)
     return [(x1, y1, x2, y2) for x1, y1, x2, y2 in boxes.tolist()]

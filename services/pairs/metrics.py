@@ -32,6 +32,10 @@ BOXES_REPLACED = metrics.histogram(
     (),
     (0, 1, 2, 3, 5, 8),
 )
+# The children every pair updates, looked up once (``labels()`` costs as much as the update itself).
+PAIRS_BUILT = DECISIONS.labels("pair")
+CHOSEN_REWARD = REWARD.labels("chosen")
+REJECTED_REWARD = REWARD.labels("rejected")
 MARGIN = metrics.histogram("spr_pairs_margin", "Reward margin of the pairs built.", (), _UNIT)
 CONSUMER_LAG = metrics.gauge(
     "spr_pairs_consumer_lag_records",

@@ -20,6 +20,10 @@ from services.core import (
     refine_candidates,
     render,
 )
+from services.core.boxes import image_to_frame
+from services.core.formats import to_native
+from services.core.refine import REFINE_IOU_THRESHOLD, Frame, RegionBoxes, refine_regions
+from services.core.scoring import iou_matrix
 
 from .strategies import FAST, THOROUGH, boxes_in, frame_sizes, grid_boxes, one_bin, phrases
 
@@ -195,3 +199,56 @@ def test_refinement_can_lower_s_loc_when_gt_boxes_overlap() -> None:
     before = localization_score(gt, [[0, 0, 100, 100]]).s_loc
     after = localization_score(gt, image_boxes(result.text, F.BRACKET_999, 999, 999, None)).s_loc
     assert before == pytest.approx(0.51) and after < before
+
+
+def _near(base: Box, draw: st.DrawFn) -> tuple[float, float, float, float]:
+    """A box around ``base``, often close enough to match it (IoU > 0.5), sometimes not."""
+    jitter = draw(st.sampled_from([0.0, 2.0, 6.0, 25.0]))
+    dx = [draw(st.floats(-jitter, jitter)) for _ in range(4)]
+    return (base.x1 + dx[0], base.y1 + dx[1], base.x2 + dx[2], base.y2 + dx[3])
+
+
+@st.composite
+def regions_to_refine(draw: st.DrawFn) -> RegionBoxes:
+    """A region with overlapping GT boxes and candidates whose boxes compete for them: two boxes near
+    one GT box, one box near two overlapping GT boxes, boxes near nothing, candidates with no box."""
+    crop = Box(50.0, 40.0, 450.0, 340.0)
+    gt = [draw(boxes_in(400, 300, min_side=20.0)) for _ in range(draw(st.integers(0, 4)))]
+    gt = [Box(g.x1 + 50, g.y1 + 40, g.x2 + 50, g.y2 + 40) for g in gt]
+    if gt and draw(st.booleans()):  # an overlapping twin of the first GT box
+        gt.append(Box(gt[0].x1 + 4, gt[0].y1 + 3, gt[0].x2 + 4, gt[0].y2 + 3))
+    own, grounded = [], []
+    for _ in range(draw(st.integers(1, 5))):
+        bases = [draw(st.sampled_from(gt)) if gt else crop for _ in range(draw(st.integers(0, 4)))]
+        own.append([_near(base, draw) for base in bases])
+        grounded.append([_near(draw(st.sampled_from(gt)), draw)] if gt and draw(st.booleans()) else [])
+    fmt = draw(st.sampled_from(list(F)))
+    return RegionBoxes(own, grounded, [g.as_tuple() for g in gt], Frame(fmt, crop, 400, 300))
+
+
+@FAST
+@given(st.lists(regions_to_refine(), min_size=1, max_size=4), st.sampled_from([None, 0.5]))
+def test_refining_many_regions_at_once_equals_greedy_matching_and_the_formula(
+    regions: list[RegionBoxes], floor: float | None
+) -> None:
+    """The batched, vectorised path against the plain definition, region by region and candidate by
+    candidate: greedy_match on the candidate's own IoU matrix, then S_loc of the replaced boxes plus
+    the grounded ones."""
+    together = refine_regions(regions, iou_floor=floor)
+    for region, refined in zip(regions, together, strict=True):
+        assert refine_regions([region], iou_floor=floor) == [refined]
+        for own, found, result in zip(region.own, region.grounded, refined, strict=True):
+            expected = greedy_match(iou_matrix(own, region.gt), REFINE_IOU_THRESHOLD) if region.gt else []
+            assert sorted(result.matches) == sorted(row for row, _ in expected)
+            boxes = list(own)
+            for row, col in expected:
+                replacement = result.matches[row]
+                assert replacement.native == to_native(
+                    image_to_frame(Box(*region.gt[col]), region.frame.crop, 400, 300).clip(400, 300),
+                    region.frame.fmt,
+                    400,
+                    300,
+                )
+                boxes[row] = replacement.in_image
+            score = localization_score(region.gt, boxes + list(found), iou_floor=floor).s_loc
+            assert result.s_loc == pytest.approx(score, abs=1e-12)

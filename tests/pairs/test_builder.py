@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from services.common.kafka_io import SCHEMA_HEADER, KafkaSettings, ProtoProducer, ensure_topics
 from services.core import pair_id
 from services.devstack.broker import BrokerProcess
-from services.pairs.builder import CODE_MISMATCH, CODE_TIMED_OUT, CODE_UNDECODABLE, PairBuilder
+from services.pairs.builder import CODE_INVALID, CODE_MISMATCH, CODE_TIMED_OUT, CODE_UNDECODABLE, PairBuilder
 from services.pairs.logic import decide
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 from tests.pairs.stream import StreamTopics, read_raw, read_topic, region_messages
@@ -54,7 +54,7 @@ def _produce_shuffled(kafka: KafkaSettings, topics: StreamTopics, region_ids: li
 def _produce_bad_input(kafka: KafkaSettings, topics: StreamTopics) -> None:
     """An undecodable record, a region whose scores are of another run, a region never scored
     semantically, a region its localization scorer failed on, a region the describer failed on (its
-    error passed on by both scorers), and a duplicated score record."""
+    error passed on by both scorers), a region with a NaN score, and a duplicated score record."""
     with ProtoProducer(kafka) as producer:
         raw = producer._producer  # the typed producer cannot send a wrong schema header; that is the point
         raw.send(
@@ -84,6 +84,14 @@ def _produce_bad_input(kafka: KafkaSettings, topics: StreamTopics) -> None:
             (topics.semantic, sem),
         ):
             producer.send(topic, "bad/scoring-failed", message)
+        record, loc, sem = region_messages("bad/nan-score")  # decided in one batch with good regions
+        sem.scores[0].s_sem = float("nan")
+        for topic, message in (
+            (topics.descriptions, record),
+            (topics.localization, loc),
+            (topics.semantic, sem),
+        ):
+            producer.send(topic, "bad/nan-score", message)
         record, loc, sem = region_messages("bad/describe-failed")
         error = common_pb2.ErrorInfo(stage="describer", code="IMAGE_UNREADABLE", message="truncated PNG")
         described = describer_pb2.DescriptionRecord(region=record.region, lineage=record.lineage, error=error)
@@ -125,7 +133,7 @@ def test_one_decision_per_region_with_deterministic_ids(
     thread.start()
     try:
         decisions = read_topic(kafka, topics.pairs, lambda found: len(found) >= len(good) + 3, timeout_s=90)
-        dead = read_raw(kafka, topics.dead_letters.name, 1, lambda found: len(found) >= 6, timeout_s=30)
+        dead = read_raw(kafka, topics.dead_letters.name, 1, lambda found: len(found) >= 9, timeout_s=30)
     finally:
         stop.set()
         thread.join(timeout=30)
@@ -155,7 +163,7 @@ def test_one_decision_per_region_with_deterministic_ids(
     assert sum(d.message.WhichOneof("decision") == "pair" for d in decisions) > len(good) // 2
 
     codes = Counter(dict(r.headers)["spr-error-code"].decode() for r in dead)
-    assert codes == {CODE_UNDECODABLE: 1, CODE_MISMATCH: 3, CODE_TIMED_OUT: 2}
+    assert codes == {CODE_UNDECODABLE: 1, CODE_MISMATCH: 3, CODE_TIMED_OUT: 2, CODE_INVALID: 3}
     mismatched, timed_out, failed, describe_failed, dropped, margins = (
         _sample(name, labels) - was for (name, labels), was in zip(METRICS, before, strict=True)
     )
@@ -167,3 +175,5 @@ def test_one_decision_per_region_with_deterministic_ids(
         next(dict(r.headers)["spr-error-info"] for r in dead if r.key == b"bad/no-semantic")
     )
     assert info.code == CODE_TIMED_OUT and topics.semantic.name in info.message
+    invalid = next(r for r in dead if r.key == b"bad/nan-score")
+    assert "non-finite score" in dict(invalid.headers)["spr-error-message"].decode()
