@@ -122,7 +122,7 @@ def mismatch(
     The score records must name exactly the description's candidates and carry its run id: scores of
     another description of the region (a retried describer) or of another run must not be joined.
     """
-    ids = sorted(c.candidate_id for c in record.candidates)
+    ids = [c.candidate_id for c in record.candidates]
     run_id = record.lineage.run_id
     scores: list[tuple[str, Any]] = [("localization", localization)]
     if semantic is not None:
@@ -132,8 +132,8 @@ def mismatch(
             return f"{name} scores are of run {scored.lineage.run_id!r}, the description of run {run_id!r}"
         if scored.HasField("error"):
             continue  # a failure record names no candidates (see upstream_failed)
-        named = sorted(s.candidate_id for s in scored.scores)
-        if named != ids:
+        named = [s.candidate_id for s in scored.scores]
+        if named != ids and sorted(named) != sorted(ids):  # the scorers keep the order; others may not
             return f"{name} scores name candidates {named[:4]}..., the description {ids[:4]}..."
     return ""
 
