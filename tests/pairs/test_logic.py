@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from services.core import Box, CoordinateFormat, render_box
-from services.pairs.logic import PairRules, decide
+from services.pairs.logic import PairRules, decide, decide_all
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 from tests.pairs import records
+from tests.pairs.stream import region_messages
 
 FMT = CoordinateFormat.BRACKET_999
 GT = (10.0, 10.0, 50.0, 50.0)
@@ -158,3 +159,23 @@ def test_a_pair_records_every_rule_it_was_built_with() -> None:
     default = decide(record, loc, sem, PairRules()).pair
     assert (default.delta, default.refine_iou) == (0.05, 0.5)
     assert not default.HasField("iou_floor")  # no floor, not a floor of 0
+
+
+def test_deciding_regions_together_equals_deciding_each_and_isolates_a_bad_one() -> None:
+    """decide_all (what the builder calls per poll) gives each region the decision decide gives it
+    alone; a region it cannot decide gets its ValueError and leaves the others unaffected."""
+    regions = [region_messages(f"world/{i}/r") for i in range(12)]
+    bad_format = region_messages("world/bad/format")
+    bad_format[0].candidates[0].coordinate_format = "no-such-format"
+    bad_score = region_messages("world/bad/score")
+    bad_score[2].scores[3].s_sem = float("inf")
+    batch = [*regions[:5], bad_format, *regions[5:9], bad_score, *regions[9:]]
+    rules = PairRules(run_id="r", iou_floor=0.3)
+
+    decided = decide_all(batch, rules)
+
+    assert isinstance(decided[5], ValueError) and "no-such-format" in str(decided[5])
+    assert isinstance(decided[10], ValueError) and "non-finite" in str(decided[10])
+    good = [d for i, d in enumerate(decided) if i not in (5, 10)]
+    assert good == [decide(*region, rules) for region in regions]
+    assert sum(d.WhichOneof("decision") == "pair" for d in good) > len(regions) // 2  # type: ignore[union-attr]
