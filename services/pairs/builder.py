@@ -229,7 +229,13 @@ class PairBuilder:
                 self._produce(region, upstream_failed(description, failure, self.rules), 0)
             else:
                 decidable.append(region)
-        for region, decision in zip(decidable, self._decisions(decidable), strict=True):
+        if not decidable:
+            return
+        started = time.perf_counter()
+        decisions = self._decisions(decidable)
+        metrics.DECIDE_SECONDS.observe(time.perf_counter() - started)
+        metrics.DECIDE_BATCH.observe(len(decidable))
+        for region, decision in zip(decidable, decisions, strict=True):
             if isinstance(decision, ValueError):  # e.g. an unknown coordinate format, a non-finite score
                 self._reject(region, CODE_INVALID, str(decision))
             elif isinstance(decision, Exception):  # a bug must not stop the stream: dead-letter the region

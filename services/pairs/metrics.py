@@ -25,6 +25,15 @@ OPEN_REGIONS = metrics.gauge("spr_pairs_open_regions", "Regions waiting for some
 JOIN_SECONDS = metrics.histogram(
     "spr_pairs_join_seconds", "Time from a region's first record to its decision (in this process)."
 )
+DECIDE_BATCH = metrics.histogram(
+    "spr_pairs_decide_batch_regions",
+    "Regions decided together in one batch (the regions one poll completed).",
+    (),
+    (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+)
+DECIDE_SECONDS = metrics.histogram(
+    "spr_pairs_decide_seconds", "Wall time of deciding one batch of regions (refinement, scores, selection)."
+)
 REWARD = metrics.histogram("spr_pairs_reward", "Reward of the chosen and rejected texts.", ("role",), _UNIT)
 BOXES_REPLACED = metrics.histogram(
     "spr_pairs_boxes_replaced",

@@ -28,6 +28,8 @@ METRICS = [
     ("spr_pairs_decisions_total", {"outcome": "describe_failed"}),
     ("spr_pairs_dropped_records_total", None),
     ("spr_pairs_margin_count", {}),
+    ("spr_pairs_decide_batch_regions_sum", {}),
+    ("spr_pairs_decide_batch_regions_count", {}),
 ]
 
 
@@ -164,13 +166,15 @@ def test_one_decision_per_region_with_deterministic_ids(
 
     codes = Counter(dict(r.headers)["spr-error-code"].decode() for r in dead)
     assert codes == {CODE_UNDECODABLE: 1, CODE_MISMATCH: 3, CODE_TIMED_OUT: 2, CODE_INVALID: 3}
-    mismatched, timed_out, failed, describe_failed, dropped, margins = (
+    mismatched, timed_out, failed, describe_failed, dropped, margins, batched, batches = (
         _sample(name, labels) - was for (name, labels), was in zip(METRICS, before, strict=True)
     )
     assert mismatched == 3  # RECORDS_MISMATCH
     assert timed_out == 1 and failed == 1 and describe_failed == 1
     assert dropped >= 1  # the duplicated score record
     assert margins == sum(d.message.WhichOneof("decision") == "pair" for d in decisions)
+    assert batched == len(good) + 1  # every good region and the NaN one went through decide_all
+    assert 1 <= batches <= batched
     info = common_pb2.ErrorInfo.FromString(
         next(dict(r.headers)["spr-error-info"] for r in dead if r.key == b"bad/no-semantic")
     )
