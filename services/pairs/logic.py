@@ -289,9 +289,8 @@ def _best_refined(region: _Prepared, refined: list[RefinedScore], rules: PairRul
     mentions = _frame_mentions(candidate, crop, record.frame_width, record.frame_height)
     rows = refinable(mentions)
     new_boxes = {rows[row]: r.native for row, r in refined[best].matches.items()}
-    text, _ = rewrite_mentions(
-        candidate.text, mentions, new_boxes, CoordinateFormat(candidate.coordinate_format)
-    )
+    assert region.boxes is not None  # refined scores exist only for a region with boxes
+    text, _ = rewrite_mentions(candidate.text, mentions, new_boxes, region.boxes.frame.fmt)
     return [
         ScoredCandidate(
             candidate_id=candidate.candidate_id + "/refined",

@@ -295,9 +295,11 @@ def export(
     if not config.is_file():
         raise FileNotFoundError(f"{model_path} is not a transformers checkpoint folder (no config.json)")
     model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    if model_type not in (*grounding.FAMILIES, *semantic.FAMILIES):
-        supported = ", ".join((*grounding.FAMILIES, *semantic.FAMILIES))
-        raise ValueError(f"{model_path} holds a {model_type!r} model; spr-export-onnx exports {supported}")
+    exportable = (*grounding.FAMILIES, *semantic.FAMILIES)
+    if model_type not in exportable:
+        raise ValueError(
+            f"{model_path} holds a {model_type!r} model; spr-export-onnx exports {', '.join(exportable)}"
+        )
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     if model_type in semantic.FAMILIES:
