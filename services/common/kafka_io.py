@@ -20,6 +20,7 @@ dev stack fills in (``services.devstack.broker.client_settings``); nothing here 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -29,6 +30,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 from kafka.errors import (
     CommitFailedError,
+    KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
     RebalanceInProgressError,
@@ -332,8 +334,17 @@ class ProtoConsumer(Generic[M]):
         return self._consumer
 
     def poll(self, timeout_ms: int = 1000, max_records: int | None = None) -> list[Polled[M]]:
-        """Fetch the next records (possibly none), decoded, in partition order."""
-        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        """Fetch the next records (possibly none), decoded, in partition order.
+
+        A broker that cannot be reached (restarting, or a network blip) yields no records: the client
+        reconnects on the next poll, and nothing was consumed, so nothing is lost by waiting.
+        """
+        try:
+            batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaConnectionError as exc:
+            _LOG.warning("broker unreachable, polling again: %s", exc)
+            time.sleep(min(timeout_ms, 1000) / 1000)
+            return []
         out: list[Polled[M]] = []
         for records in batches.values():
             out.extend(decode_record(self._topics[record.topic], record) for record in records)
