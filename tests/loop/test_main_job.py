@@ -13,11 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from services.loop.main_job import main
-
-pytestmark = pytest.mark.integration
+from services.loop.main_job import main, parse_args, pipeline_of
 
 
+def test_prompt_modes_reach_the_describer_and_unknown_ones_are_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert pipeline_of(parse_args([]), Path("p"), None).prompt_modes == "crop,full-box"
+    cfg = parse_args(["--prompt-modes", " full-box "])
+    assert pipeline_of(cfg, Path("p"), None).prompt_modes == "full-box"
+    with pytest.raises(SystemExit):
+        parse_args(["--prompt-modes", "crop,zoom"])
+    assert "expected a comma-separated list" in capsys.readouterr().err
+
+
+@pytest.mark.integration
 def test_one_round_on_a_tiny_world_publishes_serves_and_evaluates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
