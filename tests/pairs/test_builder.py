@@ -13,7 +13,14 @@ from prometheus_client import REGISTRY
 from services.common.kafka_io import SCHEMA_HEADER, KafkaSettings, ProtoProducer, ensure_topics
 from services.core import pair_id
 from services.devstack.broker import BrokerProcess
-from services.pairs.builder import CODE_INVALID, CODE_MISMATCH, CODE_TIMED_OUT, CODE_UNDECODABLE, PairBuilder
+from services.pairs.builder import (
+    CODE_INTERNAL,
+    CODE_INVALID,
+    CODE_MISMATCH,
+    CODE_TIMED_OUT,
+    CODE_UNDECODABLE,
+    PairBuilder,
+)
 from services.pairs.logic import decide
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 from tests.pairs.stream import StreamTopics, read_raw, read_topic, region_messages
@@ -181,3 +188,51 @@ def test_one_decision_per_region_with_deterministic_ids(
     assert info.code == CODE_TIMED_OUT and topics.semantic.name in info.message
     invalid = next(r for r in dead if r.key == b"bad/nan-score")
     assert "non-finite score" in dict(invalid.headers)["spr-error-message"].decode()
+
+
+def test_a_region_that_breaks_the_batch_is_dead_lettered_alone(
+    kafka_broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No real input makes decide_all raise anything but ValueError, so the bug is injected: a decide_all
+    # that fails on any batch holding one poisoned region. The builder must re-decide the batch region by
+    # region, dead-letter only that region (INTERNAL) and decide its batch-mates as usual.
+    import services.pairs.builder as builder_module
+
+    real_decide_all = builder_module.decide_all
+    calls: list[int] = []
+
+    def buggy_decide_all(regions: Any, rules: Any) -> Any:
+        calls.append(len(regions))
+        if any(description.region.region_id == "good/3" for description, _, _ in regions):
+            raise RuntimeError("injected bug")
+        return real_decide_all(regions, rules)
+
+    monkeypatch.setattr(builder_module, "decide_all", buggy_decide_all)
+    kafka = kafka_broker.settings()
+    topics = StreamTopics.unique("bug")
+    settings = topics.settings(kafka, run_id=RUN, timeout_s=3.0, commit_interval_s=0.2)
+    ensure_topics(
+        kafka, [topics.descriptions, topics.localization, topics.semantic, topics.pairs, topics.dead_letters]
+    )
+    good = [f"good/{i}" for i in range(12)]
+    _produce_shuffled(kafka, topics, good)
+
+    builder = PairBuilder(settings, kafka)
+    stop = threading.Event()
+    thread = threading.Thread(target=builder.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        decisions = read_topic(kafka, topics.pairs, lambda found: len(found) >= len(good) - 1, timeout_s=60)
+        dead = read_raw(kafka, topics.dead_letters.name, 1, lambda found: len(found) >= 3, timeout_s=30)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        builder.close()
+
+    assert sorted(d.message.region_id for d in decisions) == sorted(set(good) - {"good/3"})
+    for found in decisions:
+        assert found.message == decide(*region_messages(found.key), settings.rules())
+    assert {r.key for r in dead} == {b"good/3"} and len(dead) == 3  # its three records
+    assert {dict(r.headers)["spr-error-code"].decode() for r in dead} == {CODE_INTERNAL}
+    assert "RuntimeError: injected bug" in dict(dead[0].headers)["spr-error-message"].decode()
+    assert max(calls) > 1  # the poisoned region was first decided in a batch with others
