@@ -21,7 +21,7 @@ from services.pairs.builder import (
     CODE_UNDECODABLE,
     PairBuilder,
 )
-from services.pairs.logic import decide
+from services.pairs.logic import decide, decide_all
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 from tests.pairs.stream import StreamTopics, read_raw, read_topic, region_messages
 
@@ -196,18 +196,15 @@ def test_a_region_that_breaks_the_batch_is_dead_lettered_alone(
     # No real input makes decide_all raise anything but ValueError, so the bug is injected: a decide_all
     # that fails on any batch holding one poisoned region. The builder must re-decide the batch region by
     # region, dead-letter only that region (INTERNAL) and decide its batch-mates as usual.
-    import services.pairs.builder as builder_module
-
-    real_decide_all = builder_module.decide_all
     calls: list[int] = []
 
     def buggy_decide_all(regions: Any, rules: Any) -> Any:
         calls.append(len(regions))
         if any(description.region.region_id == "good/3" for description, _, _ in regions):
             raise RuntimeError("injected bug")
-        return real_decide_all(regions, rules)
+        return decide_all(regions, rules)
 
-    monkeypatch.setattr(builder_module, "decide_all", buggy_decide_all)
+    monkeypatch.setattr("services.pairs.builder.decide_all", buggy_decide_all)
     kafka = kafka_broker.settings()
     topics = StreamTopics.unique("bug")
     settings = topics.settings(kafka, run_id=RUN, timeout_s=3.0, commit_interval_s=0.2)
