@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -22,6 +24,7 @@ from services.pairs.builder import (
     PairBuilder,
 )
 from services.pairs.logic import decide, decide_all
+from services.pairs.settings import PairBuilderSettings
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 from tests.pairs.stream import StreamTopics, read_raw, read_topic, region_messages
 
@@ -45,6 +48,30 @@ def _sample(name: str, labels: dict[str, str] | None) -> float:
     if labels is not None:
         return REGISTRY.get_sample_value(name, labels) or 0.0
     return sum(s.value for m in REGISTRY.collect() for s in m.samples if s.name == name)
+
+
+def _stream(kafka: KafkaSettings, prefix: str) -> tuple[StreamTopics, PairBuilderSettings]:
+    """Fresh topics of the builder's stream, created, and builder settings on them."""
+    topics = StreamTopics.unique(prefix)
+    settings = topics.settings(kafka, run_id=RUN, timeout_s=3.0, commit_interval_s=0.2)
+    ensure_topics(
+        kafka, [topics.descriptions, topics.localization, topics.semantic, topics.pairs, topics.dead_letters]
+    )
+    return topics, settings
+
+
+@contextmanager
+def _running(builder: PairBuilder) -> Iterator[None]:
+    """The builder's loop on a thread for the duration of the block, then stopped and closed."""
+    stop = threading.Event()
+    thread = threading.Thread(target=builder.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        builder.close()
 
 
 def _produce_shuffled(kafka: KafkaSettings, topics: StreamTopics, region_ids: list[str]) -> None:
@@ -126,27 +153,15 @@ def test_one_decision_per_region_with_deterministic_ids(
 ) -> None:
     broker: BrokerProcess = request.getfixturevalue(broker_fixture)
     kafka = broker.settings()
-    topics = StreamTopics.unique("builder")
-    settings = topics.settings(kafka, run_id=RUN, timeout_s=3.0, commit_interval_s=0.2)
-    ensure_topics(
-        kafka, [topics.descriptions, topics.localization, topics.semantic, topics.pairs, topics.dead_letters]
-    )
+    topics, settings = _stream(kafka, "builder")
     good = [f"good/{i}" for i in range(40)]
     _produce_shuffled(kafka, topics, good)
     _produce_bad_input(kafka, topics)
 
     before = [_sample(name, labels) for name, labels in METRICS]
-    builder = PairBuilder(settings, kafka)
-    stop = threading.Event()
-    thread = threading.Thread(target=builder.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with _running(PairBuilder(settings, kafka)):
         decisions = read_topic(kafka, topics.pairs, lambda found: len(found) >= len(good) + 3, timeout_s=90)
         dead = read_raw(kafka, topics.dead_letters.name, 1, lambda found: len(found) >= 9, timeout_s=30)
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-        builder.close()
 
     by_region = Counter(d.message.region_id for d in decisions)
     assert set(by_region) == {*good, "bad/no-semantic", "bad/scoring-failed", "bad/describe-failed"}
@@ -206,25 +221,13 @@ def test_a_region_that_breaks_the_batch_is_dead_lettered_alone(
 
     monkeypatch.setattr("services.pairs.builder.decide_all", buggy_decide_all)
     kafka = kafka_broker.settings()
-    topics = StreamTopics.unique("bug")
-    settings = topics.settings(kafka, run_id=RUN, timeout_s=3.0, commit_interval_s=0.2)
-    ensure_topics(
-        kafka, [topics.descriptions, topics.localization, topics.semantic, topics.pairs, topics.dead_letters]
-    )
+    topics, settings = _stream(kafka, "bug")
     good = [f"good/{i}" for i in range(12)]
     _produce_shuffled(kafka, topics, good)
 
-    builder = PairBuilder(settings, kafka)
-    stop = threading.Event()
-    thread = threading.Thread(target=builder.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with _running(PairBuilder(settings, kafka)):
         decisions = read_topic(kafka, topics.pairs, lambda found: len(found) >= len(good) - 1, timeout_s=60)
         dead = read_raw(kafka, topics.dead_letters.name, 1, lambda found: len(found) >= 3, timeout_s=30)
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-        builder.close()
 
     assert sorted(d.message.region_id for d in decisions) == sorted(set(good) - {"good/3"})
     for found in decisions:
