@@ -55,6 +55,16 @@ class PromptKind(str, Enum):
         return _FROM_PROTO.get(int(mode))
 
 
+def parse_prompt_kinds(text: str) -> tuple[PromptKind, ...]:
+    """``"crop, full-box"`` -> the prompt modes, in order (the stage setting and ``spr-main`` read it);
+    ValueError naming the known modes for an empty list or an unknown mode."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    known = [kind.value for kind in PromptKind]
+    if not parts or any(part not in known for part in parts):
+        raise ValueError(f"expected a comma-separated list of {known}, got {text!r}")
+    return tuple(PromptKind(part) for part in parts)
+
+
 _TO_PROTO = {
     PromptKind.CROP: describer_pb2.PROMPT_MODE_CROP,
     PromptKind.CROP_REFS: describer_pb2.PROMPT_MODE_CROP_WITH_REFS,

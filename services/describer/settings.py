@@ -18,7 +18,14 @@ from services.common.images import ImageLimits
 from services.common.kafka_io import KafkaSettings
 from services.common.settings import GrpcServerSettings
 from services.common.stage_runner import RunnerSettings
-from services.describer.families import FAMILIES, ModelFamily, PromptKind, PromptTemplate, get_family
+from services.describer.families import (
+    FAMILIES,
+    ModelFamily,
+    PromptKind,
+    PromptTemplate,
+    get_family,
+    parse_prompt_kinds,
+)
 
 
 class RetryPolicy(BaseModel):
@@ -99,7 +106,7 @@ class StageSettings(RunnerSettings):
     @classmethod
     def _split_modes(cls, value: object) -> object:
         if isinstance(value, str) and not value.lstrip().startswith("["):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
+            return parse_prompt_kinds(value)
         return value
 
     def kafka(self, client_id: str = "spr-describer") -> KafkaSettings:

@@ -52,7 +52,7 @@ from services.common.topics import (
     stream_topics,
 )
 from services.core.refine import REFINE_IOU_THRESHOLD
-from services.describer.families import PromptKind
+from services.describer.families import parse_prompt_kinds
 from services.devstack.broker import BrokerProcess
 from services.devstack.process import wait_until
 from services.devstack.triton import TritonServer
@@ -488,11 +488,10 @@ def report(
 def prompt_modes(text: str) -> str:
     """``--prompt-modes``: a comma-separated list of the describer's prompt modes, checked here rather
     than by the describer process after the stack has started."""
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    known = [k.value for k in PromptKind]
-    if not modes or any(m not in known for m in modes):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {known}, got {text!r}")
-    return ",".join(modes)
+    try:
+        return ",".join(kind.value for kind in parse_prompt_kinds(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
