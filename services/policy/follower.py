@@ -6,6 +6,10 @@ whole state, not a share of it). Start-up replays the compacted history into a s
 only then loads what aliases point at, so a replica does not load every version ever published.
 After catch-up, a `published` event preloads the new version (so the alias switch that follows is
 instant) and an `alias` event re-points an alias once its version is resident.
+
+`on_change` runs once the caught-up state is applied and after every live event, so observers (the
+replica's metrics) see what start-up loaded too: a promotion that lands while the replica is still
+starting arrives through the catch-up, not as a live event.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class AdapterFollower:
         self,
         registry: AdapterRegistry,
         kafka: KafkaSettings,
-        on_event: Callable[[adapters_pb2.AdapterEvent, float], None] | None = None,
+        on_change: Callable[[], None] | None = None,
         poll_timeout_ms: int = 0,
         idle_s: float = 0.25,
     ) -> None:
@@ -40,7 +44,7 @@ class AdapterFollower:
         self.kafka = kafka
         self.topic = adapters_topic()
         self.state = AdapterHistory()
-        self.on_event = on_event
+        self.on_change = on_change
         self.poll_timeout_ms = poll_timeout_ms
         self.idle_s = idle_s
         self.consumer = KafkaConsumer(
@@ -72,6 +76,7 @@ class AdapterFollower:
             end_offsets = self._assign_all_partitions()
             self._catch_up(end_offsets)
             self._apply_state()
+            self._changed()
             self.caught_up.set()
             while not self._stop.is_set():
                 events = self._poll()
@@ -114,17 +119,19 @@ class AdapterFollower:
 
     def _apply_live(self, event: adapters_pb2.AdapterEvent) -> None:
         self.state.apply(event)
-        seconds = 0.0
         kind = event.WhichOneof("event")
         try:
             if kind == "published":
-                seconds = self.registry.load(event.published.version)
+                self.registry.load(event.published.version)
             elif kind == "alias":
                 self._set_alias(event.alias.alias, event.alias.version)
         except AdapterNotFound as exc:
             log.error("cannot load adapter: %s", exc)
-        if self.on_event is not None:
-            self.on_event(event, seconds)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _set_alias(self, alias: str, version: str) -> None:
         try:

@@ -103,11 +103,7 @@ class TritonPythonModel:
             client_id="spr-policy",
             api_version=tuple(int(p) for p in api_version.split(".")) if api_version else None,
         )
-        follower = AdapterFollower(
-            self.runner.adapters,
-            kafka,
-            on_event=lambda _event, _seconds: self._publish_adapter_metrics(),
-        )
+        follower = AdapterFollower(self.runner.adapters, kafka, on_change=self._publish_adapter_metrics)
         return follower.start()
 
     def _init_metrics(self) -> None:
