@@ -66,6 +66,12 @@ def main() -> int:
     parser.add_argument("--pos-std", type=float, default=PolicyRecipe().position_init_std)
     parser.add_argument("--sigma", type=float, default=PolicyRecipe().coordinate_sigma_bins)
     parser.add_argument("--digits", action="store_true", help="numbers as digit tokens (no number tokens)")
+    parser.add_argument(
+        "--number-init",
+        action=argparse.BooleanOptionalAction,
+        default=PolicyRecipe().number_init,
+        help="number tokens' embeddings start from sin-cos codes of their value",
+    )
     parser.add_argument("--patch", type=int, default=PolicyRecipe().patch_size)
     parser.add_argument("--images", type=int, default=PolicyRecipe().world_images)
     parser.add_argument("--eval", type=int, default=1000, help="held-out expressions to score (0: none)")
@@ -86,6 +92,7 @@ def main() -> int:
         patch_size=args.patch,
         coordinate_sigma_bins=args.sigma,
         number_tokens=not args.digits,
+        number_init=args.number_init and not args.digits,
         world_images=args.images,
         warmup_steps=min(PolicyRecipe().warmup_steps, max(args.steps // 10, 1)),
     )
