@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 
+import numpy as np
+
 from services.core.boxes import (
     BINS_FERRET,
     BINS_QWEN2,
@@ -159,6 +161,27 @@ def to_native(box: Box, fmt: CoordinateFormat, frame_w: float, frame_h: float) -
         *_decode((x1, y1, x2, y2), fmt, frame_w, frame_h).as_tuple(), frame_w, frame_h
     )
     return None if read_back is None else NativeBox(numbers, read_back)
+
+
+def to_native_grid(
+    boxes: FloatArray, fmt: CoordinateFormat, sizes: FloatArray
+) -> tuple[FloatArray, FloatArray] | None:
+    """:func:`to_native` of many boxes before its check: the numbers written for each row of ``boxes``
+    (``(n, 4)`` frame pixels; ``sizes`` ``(n, 4)`` holds each row's frame width, height, width, height)
+    and the boxes read back from them, both as floats, bit for bit what the scalar path computes.
+
+    None for BRACKET_FLOAT, whose numbers are decimal strings (formatting rounds differently). The read
+    back boxes still need :func:`~services.core.boxes.sanitize_box`.
+    """
+    if fmt is CoordinateFormat.BRACKET_FLOAT:
+        return None
+    if fmt is CoordinateFormat.QWEN25_JSON:
+        pixels: FloatArray = np.rint(boxes)  # round(v): half to even, as Python's round
+        return pixels, pixels
+    bins = _bins(fmt)
+    numbers: FloatArray = np.rint(boxes * bins / sizes)  # to_bins: v * B / size, then round
+    read_back: FloatArray = numbers * sizes / bins  # from_bins: bin * size / B
+    return numbers, read_back
 
 
 def quantize(box: Box, fmt: CoordinateFormat, frame_w: float, frame_h: float) -> Box | None:
@@ -460,6 +483,12 @@ def rewrite_mentions(
         elif shift:
             moved[i] = Mention(mentions[i].phrase, mentions[i].box, (start + shift, end + shift))
     return new_text, moved
+
+
+def rewrite_spans(text: str, edits: Sequence[tuple[Span, NativeBox]], fmt: CoordinateFormat) -> str:
+    """The text of :func:`rewrite_mentions` given just the spans of the mentions that take a new box
+    (their mentions are not rebuilt)."""
+    return _splice(text, sorted((span, native.numbers) for span, native in edits), fmt)[0]
 
 
 def _splice(

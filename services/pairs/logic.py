@@ -30,15 +30,14 @@ from services.core import (
     reward,
     select_pair,
 )
-from services.core.boxes import image_to_frame
-from services.core.formats import Mention, mention_boxes_in_image, rewrite_mentions
+from services.core.formats import Span, mention_boxes_in_image, rewrite_spans
 from services.core.refine import (
     REFINE_IOU_THRESHOLD,
+    BoxBatch,
     Frame,
-    RefinedScore,
-    RegionBoxes,
+    RefinedBatch,
     refinable,
-    refine_regions,
+    refine_batch,
 )
 from spr.v1 import common_pb2, describer_pb2, pairs_pb2, scoring_pb2
 
@@ -56,11 +55,6 @@ class PairRules:
 
 def _box(box: common_pb2.Box) -> tuple[float, float, float, float]:
     return (box.x1, box.y1, box.x2, box.y2)
-
-
-def _by_candidate(scores: list, ids: list[str]) -> dict[str, object]:  # type: ignore[type-arg]
-    found = {s.candidate_id: s for s in scores}
-    return {i: found[i] for i in ids if i in found}
 
 
 RegionRecords = tuple[
@@ -92,20 +86,24 @@ def decide_all(
     """:func:`decide` for many regions at once, in order: each gets its decision, or the ValueError that
     makes it undecidable (which leaves the others unaffected).
 
-    Refinement's numeric work is done for all of them together (:func:`refine_regions`): the pair
+    Refinement's numeric work is done for all of them together (:func:`refine_batch`): the pair
     builder decides every region a poll completed in one call.
     """
-    prepared = [_prepare(*region, rules) for region in regions]
-    boxes = [p.boxes for p in prepared if isinstance(p, _Prepared) and p.boxes is not None]
-    refined = iter(refine_regions(boxes, rules.iou_floor, rules.refine_iou))
+    boxes = BoxBatch()
+    prepared = [_prepare(*region, rules, boxes) for region in regions]
+    refined = refine_batch(boxes, rules.iou_floor, rules.refine_iou)
     decisions: list[pairs_pb2.PairDecision | ValueError] = []
+    refined_region = 0  # the next region of `refined`
     for region in prepared:
         if isinstance(region, ValueError):
             decisions.append(region)
             continue
-        scores = next(refined) if region.boxes is not None else []
+        first = -1  # the region's first candidate in `refined`; -1: nothing refined
+        if region.fmt is not None:
+            first, refined_region = refined.region_cands[refined_region], refined_region + 1
         try:
-            choice = select_pair(region.initial, _best_refined(region, scores, rules), rules.delta)
+            best = _best_refined(region, refined, first, rules) if first >= 0 else []
+            choice = select_pair(region.initial, best, rules.delta)
             decisions.append(_decision(region.record, region.localization, region.semantic, choice, rules))
         except ValueError as exc:
             decisions.append(exc)
@@ -198,33 +196,19 @@ def _skip_lineage(record: describer_pb2.DescriptionRecord | None, rules: PairRul
     return lineage
 
 
-def _initial(
-    candidate: describer_pb2.Candidate,
-    loc: scoring_pb2.LocalizationScore,
-    sem: scoring_pb2.SemanticScore | None,
-    rules: PairRules,
-) -> ScoredCandidate:
-    s_sem = sem.s_sem if sem is not None else 0.0
-    return ScoredCandidate(
-        candidate_id=candidate.candidate_id,
-        text=candidate.text,
-        s_sem=s_sem,
-        s_loc=loc.s_loc,
-        reward=reward(s_sem, loc.s_loc, rules.lambda_sem),
-        refined=False,
-    )
-
-
 @dataclass(frozen=True)
 class _Prepared:
-    """One region's records with its initial candidates scored and its boxes ready for refinement."""
+    """One region's records with its initial candidates scored; its boxes went to the batch."""
 
     record: describer_pb2.DescriptionRecord
     localization: scoring_pb2.LocalizationScoreRecord
     semantic: scoring_pb2.SemanticScoreRecord | None
-    candidates: list[describer_pb2.Candidate]  # those both scorers scored
+    candidates: list[int]  # those both scorers scored: indices into record.candidates
     initial: list[ScoredCandidate]
-    boxes: RegionBoxes | None  # None: nothing to refine (no candidate, or no frame size)
+    fmt: CoordinateFormat | None  # its boxes' format; None: nothing to refine (no candidate, no frame)
+
+
+Scored = list[tuple[int, describer_pb2.Candidate, scoring_pb2.LocalizationScore]]
 
 
 def _prepare(
@@ -232,108 +216,140 @@ def _prepare(
     localization: scoring_pb2.LocalizationScoreRecord,
     semantic: scoring_pb2.SemanticScoreRecord | None,
     rules: PairRules,
+    boxes: BoxBatch,
 ) -> _Prepared | ValueError:
+    """Scores the region's initial candidates and adds its boxes to ``boxes`` (unless it raises).
+
+    Each protobuf field is read once (reading one costs more than the arithmetic on it).
+    """
     try:
         if semantic is None and rules.lambda_sem != 0:
             raise ValueError("a semantic score record is required unless lambda_sem == 0")
-        ids = [c.candidate_id for c in record.candidates]
-        loc = _by_candidate(list(localization.scores), ids)
-        sem = _by_candidate(list(semantic.scores), ids) if semantic is not None else {}
-        scored = [
-            c
-            for c in record.candidates
-            if c.candidate_id in loc and (semantic is None or c.candidate_id in sem)
-        ]
-        initial = [_initial(c, loc[c.candidate_id], sem.get(c.candidate_id), rules) for c in scored]  # type: ignore[arg-type]
-        boxes = _region_boxes(record, scored, loc)  # type: ignore[arg-type]
+        loc = {s.candidate_id: s for s in localization.scores}  # the last of repeated ids, as before
+        sem = {s.candidate_id: s for s in semantic.scores} if semantic is not None else {}
+        scored: Scored = []
+        ids = []
+        for index, c in enumerate(record.candidates):
+            candidate_id = c.candidate_id
+            found = loc.get(candidate_id)
+            if found is not None and (semantic is None or candidate_id in sem):
+                scored.append((index, c, found))
+                ids.append(candidate_id)
+        lam = rules.lambda_sem
+        initial = []
+        for (_, c, found), candidate_id in zip(scored, ids, strict=True):
+            s_sem = sem[candidate_id].s_sem if semantic is not None else 0.0
+            s_loc = found.s_loc
+            initial.append(ScoredCandidate(candidate_id, c.text, s_sem, s_loc, reward(s_sem, s_loc, lam)))
+        fmt = _add_boxes(record, scored, boxes)
     except ValueError as exc:
         return exc
-    return _Prepared(record, localization, semantic, scored, initial, boxes)
+    return _Prepared(record, localization, semantic, [i for i, _, _ in scored], initial, fmt)
 
 
-def _region_boxes(
-    record: describer_pb2.DescriptionRecord,
-    candidates: list[describer_pb2.Candidate],
-    loc: dict[str, scoring_pb2.LocalizationScore],
-) -> RegionBoxes | None:
-    if not candidates or not record.frame_width or not record.frame_height:
+def _add_boxes(
+    record: describer_pb2.DescriptionRecord, scored: Scored, batch: BoxBatch
+) -> CoordinateFormat | None:
+    """Adds the region to the batch as :class:`RegionBoxes` would (own boxes in full-image pixels, then
+    the grounded ones, per candidate); returns its format, or None when it has nothing to refine."""
+    if not scored:
         return None
     frame_w, frame_h = record.frame_width, record.frame_height
+    if not frame_w or not frame_h:
+        return None
     crop = Box(*_box(record.crop_box))
-    return RegionBoxes(
-        own=[_boxes_in_image(c, crop, frame_w, frame_h) for c in candidates],
-        grounded=[
-            [(b.x1, b.y1, b.x2, b.y2) for g in loc[c.candidate_id].grounded for b in (g.box,)]
-            for c in candidates
-        ],
-        gt=[(b.x1, b.y1, b.x2, b.y2) for o in record.region.ground_truth for b in (o.box,)],
-        frame=Frame(CoordinateFormat(candidates[0].coordinate_format), crop, frame_w, frame_h),
-    )
+    rows: list[float] = []
+    own_counts, found_counts = [], []
+    for _, c, found in scored:
+        own_counts.append(_add_own_boxes(c, crop, frame_w, frame_h, rows))
+        count = 0
+        for g in found.grounded:
+            b = g.box
+            rows += (b.x1, b.y1, b.x2, b.y2)
+            count += 1
+        found_counts.append(count)
+    gt: list[float] = []
+    for o in record.region.ground_truth:
+        b = o.box
+        gt += (b.x1, b.y1, b.x2, b.y2)
+    fmt = CoordinateFormat(scored[0][1].coordinate_format)
+    batch.rows += rows
+    batch.own_counts += own_counts
+    batch.found_counts += found_counts
+    batch.candidates.append(len(scored))
+    batch.gt += gt
+    batch.gt_counts.append(len(gt) // 4)
+    batch.frames.append(Frame(fmt, crop, frame_w, frame_h))
+    return fmt
 
 
-def _best_refined(region: _Prepared, refined: list[RefinedScore], rules: PairRules) -> list[ScoredCandidate]:
+def _best_refined(
+    region: _Prepared, refined: RefinedBatch, first: int, rules: PairRules
+) -> list[ScoredCandidate]:
     """The best refined candidate, the only one `select_pair` can choose ([] when none); its S_sem is
-    carried over (see module doc).
+    carried over (see module doc). ``first``: the region's first candidate in ``refined``.
 
     Only that candidate's text is rewritten: scores need just the refined boxes.
     """
-    if not refined:
-        return []
-    initial = region.initial
-    rewards = [
-        reward(b.s_sem, score.s_loc, rules.lambda_sem) for b, score in zip(initial, refined, strict=True)
-    ]
+    initial, lam = region.initial, rules.lambda_sem
+    s_locs = refined.s_loc[first : first + len(initial)]
+    rewards = [lam * b.s_sem + (1.0 - lam) * s for b, s in zip(initial, s_locs, strict=True)]  # reward()
     best = max(range(len(rewards)), key=rewards.__getitem__)  # the first of equals, as select_pair
-    candidate, record = region.candidates[best], region.record
-    crop = Box(*_box(record.crop_box))
-    mentions = _frame_mentions(candidate, crop, record.frame_width, record.frame_height)
-    rows = refinable(mentions)
-    new_boxes = {rows[row]: r.native for row, r in refined[best].matches.items()}
-    assert region.boxes is not None  # refined scores exist only for a region with boxes
-    text, _ = rewrite_mentions(candidate.text, mentions, new_boxes, region.boxes.frame.fmt)
+    matches = refined.matches(first + best)
+    text = initial[best].text
+    if matches:
+        assert region.fmt is not None  # refined scores exist only for a region with boxes
+        record = region.record
+        candidate = record.candidates[region.candidates[best]]
+        spans = _boxed_spans(candidate, record.frame_width, record.frame_height)
+        edits = [(spans[row], replacement.native) for row, replacement in matches.items()]
+        text = rewrite_spans(text, edits, region.fmt)
     return [
         ScoredCandidate(
-            candidate_id=candidate.candidate_id + "/refined",
+            candidate_id=initial[best].candidate_id + "/refined",
             text=text,
             s_sem=initial[best].s_sem,
-            s_loc=refined[best].s_loc,
+            s_loc=s_locs[best],
             reward=rewards[best],
             refined=True,
-            boxes_replaced=len(refined[best].matches),
+            boxes_replaced=len(matches),
         )
     ]
 
 
-def _boxes_in_image(
-    candidate: describer_pb2.Candidate, crop: Box, frame_w: int, frame_h: int
-) -> list[tuple[float, float, float, float]]:
-    """Full-image boxes of the candidate's boxed mentions, in mention order.
+def _boxed_spans(candidate: describer_pb2.Candidate, frame_w: int, frame_h: int) -> list[Span]:
+    """Spans of the candidate's box markups, one per row of its own boxes (its boxed mentions)."""
+    mentions = candidate.mentions
+    if mentions:
+        return [(m.char_start, m.char_end) for m in mentions if m.has_box]
+    fmt = CoordinateFormat(candidate.coordinate_format)
+    parsed = parse(candidate.text, fmt, frame_w, frame_h).mentions
+    return [m.span for m in parsed if m.box is not None and m.span is not None]
+
+
+def _add_own_boxes(
+    candidate: describer_pb2.Candidate, crop: Box, frame_w: int, frame_h: int, rows: list[float]
+) -> int:
+    """Appends the full-image boxes of the candidate's boxed mentions to ``rows``, in mention order;
+    returns how many.
 
     The describer sends them already parsed (full-image pixels); a record without mentions (a producer
     that does not fill them) is parsed here. Parsing every text again was ~40 % of a decision.
     """
-    if candidate.mentions:
-        return [(b.x1, b.y1, b.x2, b.y2) for m in candidate.mentions if m.has_box for b in (m.box,)]
-    mentions = _frame_mentions(candidate, crop, frame_w, frame_h)
-    boxes = mention_boxes_in_image([mentions[i] for i in refinable(mentions)], crop, frame_w, frame_h)
-    return [(x1, y1, x2, y2) for x1, y1, x2, y2 in boxes.tolist()]
-
-
-def _frame_mentions(
-    candidate: describer_pb2.Candidate, crop: Box, frame_w: int, frame_h: int
-) -> list[Mention]:
-    """The candidate's mentions with boxes in the model's frame, as ``parse(candidate.text)`` gives them
-    (moved back from the describer's full-image mentions when it sent them)."""
-    if not candidate.mentions:
-        return parse(candidate.text, CoordinateFormat(candidate.coordinate_format), frame_w, frame_h).mentions
-    return [
-        Mention(
-            m.phrase, image_to_frame(Box(*_box(m.box)), crop, frame_w, frame_h), (m.char_start, m.char_end)
-        )
-        if m.has_box
-        else Mention(m.phrase)
-        for m in candidate.mentions
-    ]
+    mentions = candidate.mentions
+    if mentions:
+        count = 0
+        for m in mentions:
+            if m.has_box:
+                b = m.box
+                rows += (b.x1, b.y1, b.x2, b.y2)
+                count += 1
+        return count
+    fmt = CoordinateFormat(candidate.coordinate_format)
+    parsed = parse(candidate.text, fmt, frame_w, frame_h).mentions
+    boxes = mention_boxes_in_image([parsed[i] for i in refinable(parsed)], crop, frame_w, frame_h)
+    rows += boxes.ravel().tolist()
+    return len(boxes)
 
 
 def _scored_text(c: ScoredCandidate) -> pairs_pb2.ScoredText:

@@ -22,7 +22,14 @@ from services.core import (
 )
 from services.core.boxes import image_to_frame
 from services.core.formats import to_native
-from services.core.refine import REFINE_IOU_THRESHOLD, Frame, RegionBoxes, refine_regions
+from services.core.refine import (
+    REFINE_IOU_THRESHOLD,
+    Frame,
+    RegionBoxes,
+    _gt_written,
+    _replacement,
+    refine_regions,
+)
 from services.core.scoring import iou_matrix
 
 from .strategies import FAST, THOROUGH, boxes_in, frame_sizes, grid_boxes, one_bin, phrases
@@ -252,3 +259,34 @@ def test_refining_many_regions_at_once_equals_greedy_matching_and_the_formula(
                 boxes[row] = replacement.in_image
             score = localization_score(region.gt, boxes + list(found), iou_floor=floor).s_loc
             assert result.s_loc == pytest.approx(score, abs=1e-12)
+
+
+@st.composite
+def gt_in_frames(draw: st.DrawFn) -> tuple[Box, Frame]:
+    """A GT box in full-image pixels and the frame it is written in: inside the crop, sticking out of
+    it, on bin edges or too small for the grid (the scalar path's repairs), through a crop or not."""
+    fmt = draw(st.sampled_from(list(F)))
+    frame_w, frame_h = draw(frame_sizes), draw(frame_sizes)
+    crop = draw(st.none() | boxes_in(3000, 2000, min_side=1.0))
+    area = (frame_w, frame_h) if crop is None else (crop.x2, crop.y2)
+    if draw(st.booleans()):
+        gt = draw(boxes_in(*area))
+    else:  # integer or half-bin corners, possibly outside the frame or inverted
+        step = one_bin(fmt, max(frame_w, frame_h)) / 2
+        x1, y1, x2, y2 = (draw(st.integers(-4, 2 * int(max(area) / step) + 4)) * step for _ in range(4))
+        gt = Box(x1, y1, x2, y2)
+    return gt, Frame(fmt, crop, frame_w, frame_h)
+
+
+@FAST
+@given(st.lists(gt_in_frames(), min_size=1, max_size=6))
+def test_gt_boxes_written_at_once_equal_writing_each(cases: list[tuple[Box, Frame]]) -> None:
+    """The vectorised writing of matched GT boxes (refine_batch) against the scalar definition."""
+    frames = [frame for _, frame in cases]
+    written = _gt_written(boxes_to_array(gt for gt, _ in cases), frames, np.arange(len(cases)))
+    for key, (gt, frame) in enumerate(cases):
+        expected = _replacement(gt, frame)
+        assert bool(written.valid[key]) == (expected is not None)
+        if expected is not None:
+            assert written.replacement(key) == expected
+            assert tuple(written.in_image[key].tolist()) == expected.in_image
