@@ -53,9 +53,11 @@ records fail validation or make ``decide`` raise. The builder never stops on a r
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -79,6 +81,7 @@ from services.common.kafka_io import (
     decode_record,
     ensure_topics,
 )
+from services.common.metrics import observe_many
 from services.common.topics import (
     DESCRIPTIONS,
     PAIRS,
@@ -162,6 +165,10 @@ class PairBuilder:
         self._to_seed: set[int] = set()  # partitions assigned whose decided regions are not yet read
         self._last_commit = 0.0
         self._records_metric = {topic.name: metrics.RECORDS.labels(topic.name) for topic in self.inputs}
+        self._observed = _Observations()  # the metrics of this step's records and decisions
+        # Everything made so far (modules, clients) lives as long as the process: out of the garbage
+        # collector's full passes, which otherwise rescan it a few times per poll (~8 % of a busy core).
+        gc.freeze()
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -176,16 +183,22 @@ class PairBuilder:
         polled = self.consumer.poll(
             timeout_ms=timeout_ms or self.settings.poll_timeout_ms, max_records=self.settings.batch_size
         )
-        self._apply_rebalances()
-        now = self.clock()
-        owned = self.consumer.raw.assignment()
-        complete: list[OpenRegion] = []
-        for record in polled:
-            if KafkaTopicPartition(record.topic, record.partition) in owned:  # else fetched before a revoke
-                self._consume(record, now, complete)
-        self._decide(complete)
-        for region in self.state.overdue(now, self.settings.timeout_s, self._caught_up):
-            self._time_out(region, now)
+        try:
+            self._apply_rebalances()
+            now = self.clock()
+            owned = self.consumer.raw.assignment()
+            complete: list[OpenRegion] = []
+            for record in polled:
+                if (
+                    KafkaTopicPartition(record.topic, record.partition) in owned
+                ):  # else fetched before a revoke
+                    self._consume(record, now, complete)
+            self._decide(complete)
+            for region in self.state.overdue(now, self.settings.timeout_s, self._caught_up):
+                self._time_out(region, now)
+        finally:
+            observed, self._observed = self._observed, _Observations()
+            observed.record(self._records_metric)
         self._settle(now)
         return len(polled)
 
@@ -204,7 +217,7 @@ class PairBuilder:
 
     def _consume(self, record: Polled, now: float, complete: list[OpenRegion]) -> None:
         self._consumed[(record.topic, record.partition)] = record.offset + 1
-        self._records_metric[record.topic].inc()
+        self._observed.records[record.topic] += 1
         if isinstance(record, UndecodableRecord):
             self._dead_letter([record], CODE_UNDECODABLE, record.reason)
             return
@@ -277,7 +290,7 @@ class PairBuilder:
     def _produce(self, region: OpenRegion, decision: pairs_pb2.PairDecision, candidates: int) -> None:
         self._pending.append(self.producer.send(self.pairs, region.region_id, decision))
         self.state.close(region)
-        _observe(decision, self.clock() - region.opened_at, candidates)
+        self._observed.add(decision, self.clock() - region.opened_at, candidates)
 
     def _dead_letter(self, records: Sequence[Polled], code: str, message: str) -> None:
         for record in records:
@@ -531,16 +544,44 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         return events
 
 
-def _observe(decision: pairs_pb2.PairDecision, join_seconds: float, candidates: int) -> None:
-    metrics.JOIN_SECONDS.observe(join_seconds)
-    metrics.CANDIDATES.inc(candidates)
-    if decision.WhichOneof("decision") == "pair":
-        pair = decision.pair
-        metrics.PAIRS_BUILT.inc()
-        metrics.CHOSEN_REWARD.observe(pair.chosen.reward)
-        metrics.REJECTED_REWARD.observe(pair.rejected.reward)
-        metrics.MARGIN.observe(pair.margin)
-        metrics.BOXES_REPLACED.observe(pair.chosen.boxes_replaced)
-    else:
-        name = pairs_pb2.SkipReason.Name(decision.skip).removeprefix("SKIP_REASON_").lower()
-        metrics.DECISIONS.labels(name).inc()
+class _Observations:
+    """The metrics of one step's records and decisions, recorded together at its end: one update per
+    metric and step instead of several per decision (each update takes a lock)."""
+
+    def __init__(self) -> None:
+        self.records: Counter[str] = Counter()  # input records consumed, by topic
+        self.join_seconds: list[float] = []
+        self.candidates = 0
+        self.chosen: list[float] = []  # rewards, margins and replaced boxes of the pairs built
+        self.rejected: list[float] = []
+        self.margins: list[float] = []
+        self.boxes_replaced: list[float] = []
+        self.skips: Counter[str] = Counter()  # skip decisions, by reason in lower case
+
+    def add(self, decision: pairs_pb2.PairDecision, join_seconds: float, candidates: int) -> None:
+        self.join_seconds.append(join_seconds)
+        self.candidates += candidates
+        if decision.WhichOneof("decision") == "pair":
+            pair = decision.pair
+            self.chosen.append(pair.chosen.reward)
+            self.rejected.append(pair.rejected.reward)
+            self.margins.append(pair.margin)
+            self.boxes_replaced.append(pair.chosen.boxes_replaced)
+        else:
+            self.skips[pairs_pb2.SkipReason.Name(decision.skip).removeprefix("SKIP_REASON_").lower()] += 1
+
+    def record(self, records_metric: dict[str, Any]) -> None:
+        """Update the metrics with everything added."""
+        for topic, count in self.records.items():
+            records_metric[topic].inc(count)
+        observe_many(metrics.JOIN_SECONDS, self.join_seconds)
+        if self.candidates:
+            metrics.CANDIDATES.inc(self.candidates)
+        if self.chosen:
+            metrics.PAIRS_BUILT.inc(len(self.chosen))
+        observe_many(metrics.CHOSEN_REWARD, self.chosen)
+        observe_many(metrics.REJECTED_REWARD, self.rejected)
+        observe_many(metrics.MARGIN, self.margins)
+        observe_many(metrics.BOXES_REPLACED, self.boxes_replaced)
+        for name, count in self.skips.items():
+            metrics.DECISIONS.labels(name).inc(count)

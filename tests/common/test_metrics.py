@@ -58,3 +58,30 @@ def test_import_project_modules_skips_main() -> None:
     imported = metrics.import_project_modules(("services.common",))
     assert "services.common.grpc_server" in imported
     assert not any(name.endswith("__main__") for name in imported)
+
+
+def test_observe_many_counts_as_observing_one_at_a_time() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    buckets = (0.0, 0.1, 0.5, 1.0, 3.0)
+    one = Histogram("one", "one at a time", buckets=buckets, registry=registry)
+    many = Histogram("many", "all at once", buckets=buckets, registry=registry)
+    amounts = [-1.0, 0.0, 0.05, 0.1, 0.1000001, 0.5, 0.7, 1.0, 2.9, 3.0, 3.5, float("inf"), float("nan")]
+    for amount in amounts:
+        one.observe(amount)
+    metrics.observe_many(many, amounts)
+    metrics.observe_many(many, [])
+
+    def samples(name: str) -> dict[str, float]:
+        (family,) = [f for f in registry.collect() if f.name == name]
+        return {
+            f"{s.name.removeprefix(name)}{s.labels}": s.value
+            for s in family.samples
+            if "_created" not in s.name
+        }
+
+    got, expected = samples("many"), samples("one")
+    assert {k: v for k, v in got.items() if "_sum" not in k} == {
+        k: v for k, v in expected.items() if "_sum" not in k
+    }
