@@ -3,6 +3,8 @@ top to bottom.
 
 1. load the base policy through the production loader (`services.modelzoo.loading.load_policy`);
 2. attach the adapter to continue from (trainable), or let TRL add a fresh LoRA (`peft_config`);
+   render every row with the policy's own chat template, each answer closed by the EOS that serving
+   stops on (`closed_answers`);
 3. train with TRL's `DPOTrainer` (sigmoid DPO + NLL on the chosen answer, weighted `rpo_alpha`; or
    the NLL alone for the `sft-chosen` control);
    the reference model is the base with the adapter disabled, as TRL does for PEFT models;
@@ -111,6 +113,38 @@ def load_start(cfg: TrainerConfig, parent_dir: Path | None) -> tuple[PreTrainedM
     return peft_model, processor  # type: ignore[return-value]
 
 
+def render_closed(processor: ProcessorMixin, row: dict[str, Any]) -> dict[str, Any]:
+    """One conversational row -> TRL's standard (text) row, rendered by the policy's chat template, with
+    each answer ending in exactly one EOS token.
+
+    TRL appends no EOS to conversational rows: it trusts the chat template to close the assistant turn.
+    LLaVA-1.5's template (and so the world policy's) ends it with a space instead, so an answer trained
+    that way never learns to stop and the policy runs on past its box (REC answers gained a second,
+    third, ... box). A template that does close the turn with EOS (Qwen's ``<|im_end|>``) keeps its own
+    token, cut right after it; one that does not gets the tokenizer's EOS, as the SFT taught it.
+    """
+    tokenizer: Any = getattr(processor, "tokenizer", processor)
+    eos: str = tokenizer.eos_token
+    prompt: str = processor.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+
+    def answer(turns: list[dict[str, Any]]) -> str:
+        full: str = processor.apply_chat_template(row["prompt"] + turns, tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template renders the prompt differently once an answer follows")
+        completion = full[len(prompt) :]
+        end = completion.find(eos)
+        return completion[: end + len(eos)] if end >= 0 else completion.rstrip() + eos
+
+    return {"prompt": prompt, "chosen": answer(row["chosen"]), "rejected": answer(row["rejected"])}
+
+
+def closed_answers(dataset: Dataset, processor: ProcessorMixin) -> Dataset:
+    """Every row of ``dataset`` through :func:`render_closed`; images and pair ids stay."""
+    return dataset.map(
+        lambda row: render_closed(processor, row), remove_columns=["prompt", "chosen", "rejected"]
+    )
+
+
 def make_trainer(
     cfg: TrainerConfig,
     model: PreTrainedModel,
@@ -123,7 +157,7 @@ def make_trainer(
     return DPOTrainer(
         model=model,
         args=dpo_config(cfg, output_dir),
-        train_dataset=train,
+        train_dataset=closed_answers(train, processor),
         processing_class=processor,
         peft_config=None if isinstance(model, PeftModel) else lora_config(cfg),
         callbacks=callbacks,
@@ -140,11 +174,11 @@ def train_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return found
 
 
-def heldout_metrics(trainer: DPOTrainer, heldout: Dataset) -> dict[str, float]:
+def heldout_metrics(trainer: DPOTrainer, processor: ProcessorMixin, heldout: Dataset) -> dict[str, float]:
     """Preference accuracy and reward margin on held-out pairs (empty when none are held out)."""
     if len(heldout) == 0:
         return {}
-    evaluated = trainer.evaluate(heldout)
+    evaluated = trainer.evaluate(closed_answers(heldout, processor))
     metrics = {
         PREFERENCE_ACCURACY: float(evaluated["eval_rewards/accuracies"]),
         REWARD_MARGIN: float(evaluated["eval_rewards/margins"]),
@@ -167,7 +201,7 @@ def train_round(
     log.info("training on %d pairs (%d held out)", len(train), len(heldout))
     output = trainer.train()
     metrics = train_metrics(trainer.state.log_history)
-    metrics.update(heldout_metrics(trainer, heldout))
+    metrics.update(heldout_metrics(trainer, processor, heldout))
     adapter_dir = output_dir / "adapter"
     trained: Any = trainer.model  # a PeftModel: saves only the adapter, in the standard PEFT layout
     trained.save_pretrained(str(adapter_dir))

@@ -117,9 +117,13 @@ class MainJobConfig:
     grounder: str = "world"
     grounder_steps: int = 0  # the world grounder's training steps (0 = its recipe's)
     # DPO for this from-scratch policy (SFT ran at 1e-3): the paper's 1e-5 for 7B models left the adapter
-    # near the base (reward margin 0.006 after a round); 3e-4 x 2 epochs reaches margin ~0.6 on held-out
-    # pairs (measured on a default run's 240 pairs). `--trainer-arg` still overrides both.
-    dpo_learning_rate: float = 3e-4
+    # near the base (reward margin 0.006 after a round). Larger steps make it forget REC, which no round
+    # trains. One round on a default run's 119 base pairs (2026-11-28, the same pairs each time, answers
+    # closed by EOS as `trainer.recipe.closed_answers` does; Acc@0.5 vs the base over 1000 held-out
+    # expressions): 3e-4 -3.3 [-5.2, -1.5] (held-out reward margin 0.25), 1e-4 -0.8 [-2.6, +0.9]
+    # (margin 0.12); SFT on the chosen texts at 3e-4 -1.8, and pure DPO without the NLL term -8.6.
+    # `--trainer-arg` still overrides both.
+    dpo_learning_rate: float = 1e-4
     dpo_epochs: float = 2.0
     trainer_args: tuple[str, ...] = ()
     round_timeout_s: float = 1200.0

@@ -11,7 +11,8 @@ from PIL import Image
 
 from services.core.formats import MEDIA_PLACEHOLDERS
 from services.describer.families import get_family
-from services.modelzoo.loading import load_policy_processor
+from services.modelzoo.loading import load_policy, load_policy_processor
+from services.modelzoo.tiny import ensure_model
 from services.policy.runner import chat_prompt
 from tests.trainer.conftest import make_pairs, small_config
 from tests.trainer.interop import assert_llama_factory_reads, assert_vllm_loads
@@ -23,7 +24,7 @@ from trainer.dataset import (
     policy_frame,
     split_heldout,
 )
-from trainer.recipe import train_round
+from trainer.recipe import closed_answers, make_trainer, train_round
 
 FAMILY = get_family("qwen2.5-vl")
 
@@ -135,3 +136,23 @@ def test_answers_with_media_placeholders_train_instead_of_failing_the_round(
     cfg = small_config(tiny_policy, tmp_path)
     result = train_round(cfg, dataset, dataset.select([]), None, tmp_path / "r")
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("policy", ["tiny-qwen2.5-vl", "tiny-llava"])
+def test_every_trained_answer_ends_in_exactly_one_eos(tmp_path: Path, policy: str) -> None:
+    """TRL adds no EOS to conversational rows; LLaVA's template ends an assistant turn with a space, so
+    DPO taught the world policy to run on past its REC box. Rendered by `closed_answers`, every answer
+    TRL trains on ends with the tokenizer's EOS once (Qwen's template already closes with it)."""
+    model_dir = ensure_model(policy)
+    model, processor = load_policy(str(model_dir), "cpu", "float32")
+    family = get_family("ferret" if policy == "tiny-llava" else "qwen2.5-vl")
+    dataset = build_dataset(make_pairs(tmp_path / "img", 4), family)
+    tokenizer = processor.tokenizer
+    for row in closed_answers(dataset, processor):
+        for answer in (row["chosen"], row["rejected"]):
+            assert answer.endswith(tokenizer.eos_token) and answer.count(tokenizer.eos_token) == 1, answer
+    cfg = small_config(model_dir, tmp_path, model_family=family.name)
+    batch = next(iter(make_trainer(cfg, model, processor, dataset, tmp_path / "t").get_train_dataloader()))
+    for ids, mask in zip(batch["input_ids"], batch["completion_mask"], strict=True):
+        last = int(mask.nonzero().max())  # the last trained token of each chosen / rejected row
+        assert int(ids[last]) == tokenizer.eos_token_id
