@@ -121,7 +121,9 @@ class MainJobConfig:
     # trains. One round on a default run's 119 base pairs (2026-11-28, the same pairs each time, answers
     # closed by EOS as `trainer.recipe.closed_answers` does; Acc@0.5 vs the base over 1000 held-out
     # expressions): 3e-4 -3.3 [-5.2, -1.5] (held-out reward margin 0.25), 1e-4 -0.8 [-2.6, +0.9]
-    # (margin 0.12); SFT on the chosen texts at 3e-4 -1.8, and pure DPO without the NLL term -8.6.
+    # (margin 0.12), but -3.0 [-4.8, -1.2] on another run's pairs; SFT on the chosen texts at 3e-4 -1.8,
+    # pure DPO without the NLL term -8.6 (`bench/bench_dpo_variants.py`). No setting that moves the
+    # adapter measurably has left REC where it was.
     # `--trainer-arg` still overrides both.
     dpo_learning_rate: float = 1e-4
     dpo_epochs: float = 2.0
