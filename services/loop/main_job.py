@@ -88,11 +88,10 @@ class MainJobConfig:
 
     work: Path = field(default_factory=lambda: Path.home() / ".cache" / "spr" / "main")
     rounds: int = 2
-    # Measured on 2 CPU cores (2026-11-27, default recipe): the stack decides ~57 regions/min on the
-    # base policy and ~42 with a LoRA adapter active (describe 8 samples, ground every phrase with the
-    # policy); a DPO round on 200 pairs takes ~2.5 min. 2 x 200 regions took 27.5 min with the 11-minute
-    # bootstrap; 2 x 120 keeps a fresh install (~5 min) plus the run inside the 30-minute budget (with the
-    # vision-pretrained bootstrap, 740 s, the default run took 21.5 min).
+    # Measured on 2 CPU cores (2026-11-28, quiet machine): a round decides its 120 regions in ~1.8 min
+    # (8 samples, every phrase grounded by the world OWLv2), trains DPO in ~3.3 min and evaluates 1000
+    # expressions in ~1.3 min: 14.4 min from a cached bootstrap. From an empty cache the bootstrap adds
+    # ~20.5 min (36.5 in all, over the 30-minute goal), so more regions per round would only widen that.
     regions_per_round: int = 120
     samples: int = 8
     temperature: float = 1.0
