@@ -184,23 +184,28 @@ class PairBuilder:
             timeout_ms=timeout_ms or self.settings.poll_timeout_ms, max_records=self.settings.batch_size
         )
         try:
-            self._apply_rebalances()
-            now = self.clock()
-            owned = self.consumer.raw.assignment()
-            complete: list[OpenRegion] = []
-            for record in polled:
-                if (
-                    KafkaTopicPartition(record.topic, record.partition) in owned
-                ):  # else fetched before a revoke
-                    self._consume(record, now, complete)
-            self._decide(complete)
-            for region in self.state.overdue(now, self.settings.timeout_s, self._caught_up):
-                self._time_out(region, now)
-        finally:
+            now = self._handle(polled)
+        finally:  # the metrics of what was handled, even when a step fails half-way
             observed, self._observed = self._observed, _Observations()
             observed.record(self._records_metric)
         self._settle(now)
         return len(polled)
+
+    def _handle(self, polled: list[Polled]) -> float:
+        """Join the polled records, decide the regions they complete, time out the overdue; the step's
+        clock reading."""
+        self._apply_rebalances()
+        now = self.clock()
+        owned = self.consumer.raw.assignment()
+        complete: list[OpenRegion] = []
+        for record in polled:
+            # A record of a partition no longer owned was fetched before a revoke.
+            if KafkaTopicPartition(record.topic, record.partition) in owned:
+                self._consume(record, now, complete)
+        self._decide(complete)
+        for region in self.state.overdue(now, self.settings.timeout_s, self._caught_up):
+            self._time_out(region, now)
+        return now
 
     def drain(self) -> None:
         """Acknowledge everything sent and commit (graceful stop; open regions are re-read later)."""
