@@ -11,12 +11,19 @@ Takes a finished `spr-main --work RUN`: the pairs its base policy produced (line
 same expressions, so every difference to the base and between variants is paired. Unlike
 `bench_ablations.py`, nothing is re-sampled: only the training recipe differs. About 3 minutes per
 variant on 2 CPU cores (one round of ~110 pairs, 1000 expressions).
+
+`--rec-pairs N` trains on other pairs: the base policy answers N REC expressions of the world's
+*training* split 8 times each (the describer's sampling: T 1.0, top-p 0.9), chosen = the answer with
+the best IoU against the GT box (replaced by the GT box at IoU > 0.5, as SPR refines), rejected = the
+worst, skipped under the margin δ = 0.05. That is the held-out task itself, on-policy and with GT-based
+preferences: an upper bound on what a round of region descriptions can transfer to REC.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shutil
 import sys
 import tempfile
@@ -26,17 +33,20 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peft import PeftModel
+from PIL import Image
 
-from services.bootstrap.pipeline import folder_for, is_complete
+from services.bootstrap.data import rec_examples
+from services.bootstrap.pipeline import FORMAT, folder_for, is_complete
 from services.describer.families import get_family
 from services.devstack.broker import BrokerProcess
 from services.evaluation.cli import evaluate_one, read_outputs
-from services.evaluation.datasets import read_spr_rec
-from services.evaluation.rec import AdapterResult, format_table
+from services.evaluation.datasets import RecSample, read_spr_rec
+from services.evaluation.prompts import rec_instruction
+from services.evaluation.rec import AdapterResult, format_table, read_prediction
 from services.loop.main_job import FAMILY, MainJobConfig, recipe_of
 from services.modelzoo.loading import load_policy
-from services.policy.runner import PolicyRunner
-from spr.v1 import pairs_pb2
+from services.policy.runner import GenerationRequest, PolicyRunner, Sampling
+from spr.v1 import common_pb2, describer_pb2, pairs_pb2
 from trainer.config import TrainerConfig
 from trainer.dataset import build_dataset, split_heldout
 from trainer.recipe import train_round
@@ -55,6 +65,56 @@ def base_pairs(run: Path, scratch: Path) -> list[pairs_pb2.PreferencePair]:
         finally:
             consumer.close()
     return [pair for pair in pairs if not pair.lineage.adapter_version]
+
+
+def rec_pairs(policy: Path, count: int, delta: float = 0.05) -> list[pairs_pb2.PreferencePair]:
+    """On-policy REC pairs from `count` expressions of the world's training split (module docstring)."""
+    samples = random.Random(0).sample(read_spr_rec(policy.parent / "world" / "rec_train.json"), count)
+    images = {s.image_path: Image.open(s.image_path).convert("RGB") for s in samples}
+    truth = {
+        s.sample_id: e.answer for s, e in zip(samples, rec_examples(samples, FORMAT, images), strict=True)
+    }
+    runner, sampling = PolicyRunner(str(policy)), Sampling(num_samples=8, max_new_tokens=24, seed=1)
+    pairs = []
+    for start in range(0, count, 16):
+        batch = samples[start : start + 16]
+        requests = [
+            GenerationRequest(images[s.image_path], rec_instruction(s.expression, FORMAT), sampling)
+            for s in batch
+        ]
+        for sample, result in zip(batch, runner.generate(requests), strict=True):
+            size = images[sample.image_path].size
+            scored = sorted(
+                (read_prediction(sample, text, FORMAT, size, size).iou, text) for text in result.texts
+            )
+            (worst, rejected), (best, chosen) = scored[0], scored[-1]
+            if best > 0.5:
+                best, chosen = 1.0, truth[sample.sample_id]
+            if best - worst >= delta and chosen != rejected:
+                pairs.append(rec_pair(sample, size, (chosen, best), (rejected, worst)))
+    return pairs
+
+
+def rec_pair(
+    sample: RecSample, size: tuple[int, int], chosen: tuple[str, float], rejected: tuple[str, float]
+) -> pairs_pb2.PreferencePair:
+    """A REC answer pair as the trainer reads pairs: the whole image is the region, IoU is S_loc."""
+    width, height = size
+    region = common_pb2.Region(
+        region_id=sample.sample_id,
+        image=common_pb2.ImageRef(uri=Path(sample.image_path).resolve().as_uri(), width=width, height=height),
+        box=common_pb2.Box(x1=0, y1=0, x2=width, y2=height),
+    )
+    return pairs_pb2.PreferencePair(
+        pair_id=f"rec-{sample.sample_id}",
+        region_id=sample.sample_id,
+        region=region,
+        prompt=rec_instruction(sample.expression, FORMAT),
+        prompt_mode=describer_pb2.PROMPT_MODE_FULL_IMAGE_BOX,
+        chosen=pairs_pb2.ScoredText(text=chosen[0], reward=chosen[1], s_loc=chosen[1]),
+        rejected=pairs_pb2.ScoredText(text=rejected[0], reward=rejected[1], s_loc=rejected[1]),
+        margin=chosen[1] - rejected[1],
+    )
 
 
 def merged_policy(policy: Path, adapter: Path, out: Path) -> Path:
@@ -92,6 +152,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, default=MainJobConfig().work, help="a finished spr-main --work")
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], help="NAME=JSON")
     parser.add_argument("--out", type=Path, default=None, help="keep adapters here (default: a temp dir)")
+    parser.add_argument("--rec-pairs", type=int, default=0, help="train on N on-policy REC pairs instead")
     args = parser.parse_args()
     variants = args.variant or [("main-job defaults", {})]
     policy = folder_for(recipe_of(MainJobConfig())) / "policy"
@@ -102,9 +163,10 @@ def main() -> None:
     if [s.sample_id for s in samples] != [p.sample_id for p in base.predictions]:
         raise SystemExit("the run's base answers are not on this bootstrap's REC split")
     scratch = Path(tempfile.mkdtemp(prefix="bench-dpo-")) if args.out is None else args.out
-    pairs = base_pairs(args.run, scratch)
+    pairs = rec_pairs(policy, args.rec_pairs) if args.rec_pairs else base_pairs(args.run, scratch)
     train, heldout = split_heldout(build_dataset(pairs, get_family(FAMILY)), TrainerConfig().heldout_fraction)
-    print(f"{len(pairs)} base pairs: {len(train)} train, {len(heldout)} held out", flush=True)
+    source = "on-policy REC" if args.rec_pairs else "base"
+    print(f"{len(pairs)} {source} pairs: {len(train)} train, {len(heldout)} held out", flush=True)
     results: list[AdapterResult] = [base]
     for name, overrides in variants:
         work = scratch / name.replace(" ", "_")
