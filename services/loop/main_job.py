@@ -88,10 +88,11 @@ class MainJobConfig:
 
     work: Path = field(default_factory=lambda: Path.home() / ".cache" / "spr" / "main")
     rounds: int = 2
-    # Measured on 2 CPU cores (2026-11-28, quiet machine): a round decides its 120 regions in ~1.8 min
-    # (8 samples, every phrase grounded by the world OWLv2), trains DPO in ~3.3 min and evaluates 1000
-    # expressions in ~1.3 min: 14.4 min from a cached bootstrap. From an empty cache the bootstrap adds
-    # ~20.5 min (36.5 in all, over the 30-minute goal), so more regions per round would only widen that.
+    # Measured on 2 CPU cores (2026-11-28, quiet machine, README): a round decides its 120 regions in
+    # ~1.5 min (8 samples, every phrase grounded by the world OWLv2), trains DPO in ~2.4 min and serves
+    # and evaluates 1000 expressions in ~0.9 min: 9.9 min from a cached bootstrap, 24.6 from an empty
+    # cache (the bootstrap adds ~14.7). Another machine of this kind took 14.4 and 36.5, so the default
+    # keeps that much headroom under the 15- and 30-minute goals.
     regions_per_round: int = 120
     samples: int = 8
     temperature: float = 1.0
