@@ -123,7 +123,11 @@ class TrainerConfig:
         metadata=_help("Longest round (ms) before the group evicts the trainer; also the rebalance timeout."),
     )
     poll_idle_s: float = field(
-        default=5.0, metadata=_help("One-shot mode stops reading once the topic is idle this long.")
+        default=5.0,
+        metadata=_help(
+            "One-shot and export stop reading at the end offsets seen at assignment, or once the topic "
+            "is idle this long."
+        ),
     )
     # --- runtime ---------------------------------------------------------------------------------
     device: str = field(default="auto", metadata=_help("'auto' (CUDA if present), 'cpu' or 'cuda[:n]'."))

@@ -13,6 +13,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from kafka import TopicPartition
+
 from services.common.kafka_io import ConsumedRecord, ProtoConsumer, UndecodableRecord, ensure_topics
 from services.common.topics import PAIRS, stream_topics, trainer_control_topic
 from spr.v1 import adapters_pb2, pairs_pb2
@@ -88,16 +90,25 @@ def on_demand(polled: list[ControlPolled]) -> list[adapters_pb2.TrainingTrigger]
 
 
 def drain(consumer: ProtoConsumer[pairs_pb2.PairDecision], cfg: TrainerConfig, batch: Batch) -> Batch:
-    """Poll until the topic has been idle for `poll_idle_s` or the batch holds `max_pairs` records."""
+    """Poll until the trainer has read everything its partitions held when they were assigned (one-shot
+    and export: what the topic holds when the command runs), the topic has been idle for `poll_idle_s`
+    (records the end offsets count but no fetch returns: aborted or compacted ones), or the batch
+    holds `max_pairs` records."""
     idle_since = time.monotonic()
+    ends: dict[TopicPartition, int] = {}
     while len(batch.records) < cfg.max_pairs:
         polled = consumer.poll(timeout_ms=500, max_records=cfg.max_pairs - len(batch.records))
-        if polled or not consumer.raw.assignment():
+        assignment = consumer.raw.assignment()
+        if polled or not assignment:
             # Idle time only counts once partitions are assigned: joining the group (or waiting for a
             # dead member's session to expire) is not an empty topic.
             batch.add(polled)
             idle_since = time.monotonic()
-        elif time.monotonic() - idle_since >= cfg.poll_idle_s:
+        if assignment and set(ends) != assignment:  # first assigned, or a rebalance moved them
+            ends = consumer.raw.end_offsets(list(assignment))
+        if ends and all(consumer.raw.position(tp) >= end for tp, end in ends.items()):
+            break
+        if time.monotonic() - idle_since >= cfg.poll_idle_s:
             break
     log.info("consumed %d records, %d unique pairs", len(batch.records), len(batch.pairs()))
     return batch

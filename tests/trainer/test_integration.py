@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from tests.trainer.conftest import make_pairs, small_config
 from trainer.config import PREFERENCE_ACCURACY, REWARD_MARGIN, TrainerConfig
 from trainer.dataset import load_parquet
 from trainer.publish import read_history
+from trainer.source import Batch, drain, open_consumer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,6 +187,23 @@ def test_once_publishes_with_lineage_announces_and_commits(
     assert store.verify(second).manifest.parent_version == manifest.version
     run_ok(cfg, "rollback", "--alias", "latest")
     assert read_history(cfg).current("latest") == manifest.version
+
+
+def test_once_reads_what_the_topic_holds_without_waiting_for_it_to_go_idle(
+    broker_factory: Callable[..., BrokerProcess], tiny_policy: Path, tmp_path: Path
+) -> None:
+    broker = broker_factory()
+    cfg = config(broker, tiny_policy, tmp_path, poll_idle_s=300.0)
+    produce_pairs(broker.settings(), make_pairs(tmp_path / "img", 5))
+    consumer = open_consumer(cfg)
+    try:
+        started = time.monotonic()
+        batch = drain(consumer, cfg, Batch())
+        seconds = time.monotonic() - started
+    finally:
+        consumer.close()
+    assert len(batch.pairs()) == 5
+    assert seconds < 60  # stopped at the end offsets it was assigned with, not after 300 s of idle
 
 
 @pytest.mark.parametrize("moment", ["training started", "publishing adapter"])
