@@ -92,18 +92,11 @@ def _produce_staggered(
         if step % 10 == 0:
             producer, pending = _resend_failed(kafka, producer, pending)
             if pause.wanted.is_set():
-                producer, pending = _acknowledge_all(kafka, producer, pending)
+                producer, pending = _acknowledge_all(kafka, producer, pending), []
                 pause.wait_while_held()
             time.sleep(pace_s)
-    producer, _ = _acknowledge_all(kafka, producer, pending)
-    producer.close()
+    _acknowledge_all(kafka, producer, pending).close()
     pause.reached.set()  # nothing more to send: a later hold finds it paused for good
-
-
-def _acknowledge_all(kafka: KafkaSettings, producer: ProtoProducer, sent: Sent) -> tuple[ProtoProducer, Sent]:
-    while sent:
-        producer, sent = _resend_failed(kafka, producer, sent)
-    return producer, sent
 
 
 Sent = list[tuple[Any, str, Any, Any]]
@@ -119,6 +112,13 @@ def _resend_failed(kafka: KafkaSettings, producer: ProtoProducer, sent: Sent) ->
         producer = ProtoProducer(kafka)
     retry = [(t, k, m) for t, k, m, future in sent if not (future.is_done and future.succeeded())]
     return producer, [(t, k, m, producer.send(t, k, m)) for t, k, m in retry]
+
+
+def _acknowledge_all(kafka: KafkaSettings, producer: ProtoProducer, sent: Sent) -> ProtoProducer:
+    """Send again until every send is acknowledged; returns the producer in use."""
+    while sent:
+        producer, sent = _resend_failed(kafka, producer, sent)
+    return producer
 
 
 def _start_builder(settings: PairBuilderSettings, log: Path) -> subprocess.Popen[bytes]:
