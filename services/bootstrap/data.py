@@ -13,7 +13,7 @@ the format the rest of the loop parses.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -37,14 +37,23 @@ class Example:
     answer: str
 
 
+def loose(box: Box, slack: float, frame_w: float, frame_h: float) -> Box:
+    """The box as a loose annotator draws it: every side ``slack`` of its size further out, clipped."""
+    return box.pad(slack).clip(frame_w, frame_h) if slack else box
+
+
 def rec_examples(
-    samples: Sequence[RecSample], fmt: CoordinateFormat, images: dict[str, Image.Image]
+    samples: Sequence[RecSample],
+    fmt: CoordinateFormat,
+    images: dict[str, Image.Image],
+    slack: float = 0.0,
 ) -> list[Example]:
-    """One example per REC sample; the answer is the box alone, as `read_prediction` reads it."""
+    """One example per REC sample; the answer is the box alone (loosened by ``slack``, see
+    :func:`loose`), as `read_prediction` reads it."""
     examples = []
     for sample in samples:
         image = images[sample.image_path]
-        mention = Mention("", sample.boxes[0])
+        mention = Mention("", loose(sample.boxes[0], slack, image.width, image.height))
         answer = render([mention], fmt, image.width, image.height).rstrip(".")
         examples.append(Example("rec", image, rec_instruction(sample.expression, fmt), answer))
     return examples
@@ -62,9 +71,10 @@ def describe_examples(
     per_image: int,
     seed: int,
     family: ModelFamily = FERRET,
+    slack: float = 0.0,
 ) -> list[Example]:
     """`per_image` sampled regions per image, alternating the crop and full-box prompts; objects are
-    named by `phrases` (annotation id -> phrase)."""
+    named by `phrases` (annotation id -> phrase) with boxes loosened by ``slack`` (:func:`loose`)."""
     fmt = family.coordinate_format
     rng = np.random.default_rng(seed)
     examples = []
@@ -74,7 +84,10 @@ def describe_examples(
         image = images[path]
         for index in range(per_image):
             region = sample_region(objects, image.width, image.height, rng)
-            members = _reading_order(region.ground_truth)
+            members = [
+                replace(o, box=loose(o.box, slack, image.width, image.height))
+                for o in _reading_order(region.ground_truth)
+            ]
             if index % 2 == 0:
                 examples.append(_crop_example(image, region.box, members, phrases, family))
             else:

@@ -313,8 +313,9 @@ def training_data(
 ) -> tuple[list[Encoded], list[Encoded]]:
     """Encoded REC and region-description examples of the world's training images."""
     objects, phrases = _objects(split.coco, split.folder, set(split.images))
-    rec = rec_examples(split.samples, FORMAT, split.images)
-    describe = describe_examples(objects, split.images, phrases, per_image=2, seed=recipe.seed)
+    slack = recipe.box_label_slack
+    rec = rec_examples(split.samples, FORMAT, split.images, slack)
+    describe = describe_examples(objects, split.images, phrases, per_image=2, seed=recipe.seed, slack=slack)
     return _encode_all(processor, recipe, rec), _encode_all(processor, recipe, describe)
 
 
@@ -361,6 +362,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=defaults.vision_pretrain_steps,
         help="the vision tower's dense grounding pretraining steps before SFT (0: none)",
     )
+    parser.add_argument(
+        "--box-slack",
+        type=float,
+        default=defaults.box_label_slack,
+        help="SFT answers' boxes drawn this share of their size loose on every side (0: exact boxes)",
+    )
     parser.add_argument("--force", action="store_true", help="train again even when cached")
     parser.add_argument(
         "--device", default="cpu", help="where to train (cpu, cuda); the result is saved for CPU"
@@ -393,6 +400,7 @@ def recipe_from_args(args: argparse.Namespace) -> PolicyRecipe:
         seed=args.seed,
         batch_size=args.batch_size,
         vision_pretrain_steps=args.vision_steps,
+        box_label_slack=args.box_slack,
         warmup_steps=warmup,
     )
 

@@ -69,6 +69,16 @@ class PolicyRecipe:
     # training scenes 31 %; both 8.9 / 3.7 / 1.4 (+4.7 [+2.8, +6.8], +1.9 [+0.6, +3.3], +0.9 [+0.1, +1.8]).
     # (Without the vision pretraining, when the policy ignored the image, it had shown no gain.)
     number_init: bool = True
+    # SFT answers' boxes drawn loose: every side moved out by this share of the box's size (clipped to
+    # the frame), in REC and description answers alike; the world's annotations, the scorers' models and
+    # every evaluation keep the exact boxes. An experiment on whether a *systematic* localization error
+    # (loose boxes, as real MLLMs learn from loosely drawn web-scale labels) is one the loop corrects,
+    # where the random spread of the number tokens was not (README, #7). Measured 2026-11-29 with 0.15
+    # (`spr-main --bootstrap-box-slack 0.15`, default run): the policy learned part of it (REC boxes
+    # with IoU >= 0.3: median side 1.20x the GT's, 1.10x with exact labels); the rounds tightened the
+    # described boxes (IoU >= 0.7: 14.5 -> 24.0 %, +9.4 [+0.2, +18.3]) but not the REC answers (1.17x,
+    # 1.22x), and REC Acc@0.5 fell as before (6.3 base; -1.1 [-2.5, +0.3], -1.1 [-2.8, +0.5]).
+    box_label_slack: float = 0.0
     # Dense grounding pretraining of the vision tower before SFT (`services.bootstrap.vision_pretrain`):
     # each patch learns the box and attributes of the object under it. Without it the policy ignored the
     # image for the whole SFT (loss unchanged with the images shuffled); with it, 250 SFT steps on

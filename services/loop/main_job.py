@@ -111,6 +111,7 @@ class MainJobConfig:
     bootstrap_steps: int = 0  # 0 = the recipe's
     bootstrap_images: int = 0  # 0 = the recipe's
     bootstrap_vision_steps: int = -1  # the vision tower's pretraining steps (-1 = the recipe's, 0 = none)
+    bootstrap_box_slack: float = -1.0  # how loose the SFT answers' boxes are (-1 = the recipe's, 0 = exact)
     # Who grounds the described phrases for S_loc: "world", the OWLv2 grounder trained on the world with
     # the bootstrap (`services.bootstrap.grounder`), as SPR uses a detector that localizes better than the
     # policy; or "policy", the policy itself through Triton (then S_loc only measures self-agreement).
@@ -152,6 +153,8 @@ def recipe_of(cfg: MainJobConfig) -> PolicyRecipe:
         recipe = replace(recipe, world_images=cfg.bootstrap_images)
     if cfg.bootstrap_vision_steps >= 0:
         recipe = replace(recipe, vision_pretrain_steps=cfg.bootstrap_vision_steps)
+    if cfg.bootstrap_box_slack >= 0:
+        recipe = replace(recipe, box_label_slack=cfg.bootstrap_box_slack)
     return recipe
 
 
@@ -535,6 +538,13 @@ def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
         help="vision tower pretraining steps before SFT (-1 = the recipe's, 0 = none)",
     )
     parser.add_argument(
+        "--bootstrap-box-slack",
+        type=float,
+        default=-1.0,
+        help="SFT answers' boxes drawn this share of their size loose on every side (-1 = the recipe's,"
+        " 0 = exact boxes)",
+    )
+    parser.add_argument(
         "--grounder",
         choices=["world", "policy"],
         default=defaults.grounder,
@@ -566,6 +576,7 @@ def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
         bootstrap_steps=args.bootstrap_steps,
         bootstrap_images=args.bootstrap_images,
         bootstrap_vision_steps=args.bootstrap_vision_steps,
+        bootstrap_box_slack=args.bootstrap_box_slack,
         grounder=args.grounder,
         grounder_steps=args.grounder_steps,
         trainer_args=tuple(a for arg in args.trainer_arg for a in arg.split()),

@@ -15,6 +15,7 @@ from PIL import Image
 from services.bootstrap.clip import ClipRecipe, all_phrases, object_crops
 from services.bootstrap.data import Example
 from services.bootstrap.pipeline import (
+    FORMAT,
     Bootstrapped,
     bootstrap,
     bootstrap_clip,
@@ -22,11 +23,17 @@ from services.bootstrap.pipeline import (
     main,
     parse_args,
     recipe_from_args,
+    training_data,
+    training_split,
+    world_files,
 )
 from services.bootstrap.recipe import BINS, PolicyRecipe, build_model, build_processor
 from services.bootstrap.train import IGNORE, CoordinateSmoothing, encode
+from services.core.boxes import Box
+from services.core.formats import parse
 from services.evaluation.cli import evaluate
 from services.evaluation.datasets import read_spr_rec
+from services.evaluation.rec import best_iou
 from services.modelzoo.loading import load_policy
 from services.policy.runner import PolicyRunner, chat_prompt
 from services.scorers.semantic.backends import load_torch_encoder
@@ -71,6 +78,32 @@ def test_training_is_reproducible_by_seed(smoke: Bootstrapped, tmp_path: Path) -
     assert (again.policy / "model.safetensors").read_bytes() == weights
     other_seed = bootstrap(replace(SMOKE, seed=1), tmp_path)
     assert (other_seed.policy / "model.safetensors").read_bytes() != weights
+
+
+def test_sft_answers_carry_the_recipes_loose_boxes(smoke: Bootstrapped) -> None:
+    split = training_split(world_files(smoke))
+    processor = build_processor(SMOKE)
+    assert SMOKE.box_label_slack == 0  # the default recipe's: exact boxes
+    recipes = (replace(SMOKE, box_label_slack=0.15), SMOKE)
+    loose, exact = (training_data(split, processor, r) for r in recipes)
+    for task, (loose_examples, exact_examples) in enumerate(zip(loose, exact, strict=True)):
+        loose_boxes = _answer_boxes([e.example for e in loose_examples])
+        exact_boxes = _answer_boxes([e.example for e in exact_examples])
+        assert len(loose_boxes) == len(exact_boxes) > len(split.images)  # the same answers, boxes alone moved
+        pairs = list(zip(loose_boxes, exact_boxes, strict=True))
+        assert all(lo.contains(ex.pad(-0.05)) for lo, ex in pairs)  # out on every side (rounding aside)
+        ious = [best_iou(lo, [ex]) for lo, ex in pairs]
+        assert min(ious) > 0.45, task  # 1 / 1.3**2 = 0.59 where the image does not clip
+        assert sum(ious) / len(ious) < 0.7, task
+
+
+def _answer_boxes(examples: list[Example]) -> list[Box]:
+    """Every box of the examples' answers, in their frames, in order."""
+    return [
+        box
+        for example in examples
+        for box in parse(example.answer, FORMAT, example.image.width, example.image.height).boxes
+    ]
 
 
 def test_fingerprint_covers_steps_and_world() -> None:
