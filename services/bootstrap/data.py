@@ -47,13 +47,16 @@ def rec_examples(
     fmt: CoordinateFormat,
     images: dict[str, Image.Image],
     slack: float = 0.0,
+    phrases: dict[int, str] | None = None,
 ) -> list[Example]:
-    """One example per REC sample; the answer is the box alone (loosened by ``slack``, see
-    :func:`loose`), as `read_prediction` reads it."""
+    """One example per REC sample; the answer is the box (loosened by ``slack``, see :func:`loose`),
+    as `read_prediction` reads it: alone, or after the target's phrase when ``phrases`` (annotation
+    id -> phrase) are given, written as a description writes a mention ("red striped circle [...]")."""
     examples = []
     for sample in samples:
         image = images[sample.image_path]
-        mention = Mention("", loose(sample.boxes[0], slack, image.width, image.height))
+        phrase = phrases[sample.tags["annotation_id"]] if phrases is not None else ""
+        mention = Mention(phrase, loose(sample.boxes[0], slack, image.width, image.height))
         answer = render([mention], fmt, image.width, image.height).rstrip(".")
         examples.append(Example("rec", image, rec_instruction(sample.expression, fmt), answer))
     return examples

@@ -314,7 +314,8 @@ def training_data(
     """Encoded REC and region-description examples of the world's training images."""
     objects, phrases = _objects(split.coco, split.folder, set(split.images))
     slack = recipe.box_label_slack
-    rec = rec_examples(split.samples, FORMAT, split.images, slack)
+    named = phrases if recipe.rec_answer_names_object else None
+    rec = rec_examples(split.samples, FORMAT, split.images, slack, named)
     describe = describe_examples(objects, split.images, phrases, per_image=2, seed=recipe.seed, slack=slack)
     return _encode_all(processor, recipe, rec), _encode_all(processor, recipe, describe)
 
@@ -368,6 +369,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=defaults.box_label_slack,
         help="SFT answers' boxes drawn this share of their size loose on every side (0: exact boxes)",
     )
+    parser.add_argument(
+        "--rec-answer-names-object",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.rec_answer_names_object,
+        help="REC answers name the target object before its box, as a description mention does",
+    )
     parser.add_argument("--force", action="store_true", help="train again even when cached")
     parser.add_argument(
         "--device", default="cpu", help="where to train (cpu, cuda); the result is saved for CPU"
@@ -401,6 +408,7 @@ def recipe_from_args(args: argparse.Namespace) -> PolicyRecipe:
         batch_size=args.batch_size,
         vision_pretrain_steps=args.vision_steps,
         box_label_slack=args.box_slack,
+        rec_answer_names_object=args.rec_answer_names_object,
         warmup_steps=warmup,
     )
 

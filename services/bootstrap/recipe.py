@@ -79,6 +79,11 @@ class PolicyRecipe:
     # described boxes (IoU >= 0.7: 14.5 -> 24.0 %, +9.4 [+0.2, +18.3]) but not the REC answers (1.17x,
     # 1.22x), and REC Acc@0.5 fell as before (6.3 base; -1.1 [-2.5, +0.3], -1.1 [-2.8, +0.5]).
     box_label_slack: float = 0.0
+    # REC answers in SFT name the target before its box ("red striped circle [x1, y1, x2, y2]"), written
+    # exactly as a description writes a mention (Ferret's REC answers name the object too), so that
+    # both tasks write a box in the same context, after the object's phrase; the evaluator reads the
+    # first box either way. False: the box alone.
+    rec_answer_names_object: bool = False
     # Dense grounding pretraining of the vision tower before SFT (`services.bootstrap.vision_pretrain`):
     # each patch learns the box and attributes of the object under it. Without it the policy ignored the
     # image for the whole SFT (loss unchanged with the images shuffled); with it, 250 SFT steps on

@@ -97,6 +97,22 @@ def test_sft_answers_carry_the_recipes_loose_boxes(smoke: Bootstrapped) -> None:
         assert sum(ious) / len(ious) < 0.7, task
 
 
+def test_rec_answers_can_name_the_target_as_a_description_mention_does(smoke: Bootstrapped) -> None:
+    split = training_split(world_files(smoke))
+    processor = build_processor(SMOKE)
+    assert not SMOKE.rec_answer_names_object  # the default recipe's: the box alone
+    (plain, _), (named, _) = (
+        training_data(split, processor, r) for r in (SMOKE, replace(SMOKE, rec_answer_names_object=True))
+    )
+    plains, nameds = [e.example for e in plain], [e.example for e in named]
+    assert _answer_boxes(nameds) == _answer_boxes(plains)  # the same box, read back
+    for sample, plain_example, named_example in zip(split.samples, plains, nameds, strict=True):
+        phrase, box = named_example.answer.rsplit(" [", 1)
+        assert plain_example.answer == "[" + box and named_example.instruction == plain_example.instruction
+        (mention,) = parse(named_example.answer, FORMAT, 96, 96).mentions
+        assert mention.phrase == phrase and phrase.split()[-1] in sample.expression  # its shape
+
+
 def _answer_boxes(examples: list[Example]) -> list[Box]:
     """Every box of the examples' answers, in their frames, in order."""
     return [
