@@ -82,7 +82,10 @@ class PolicyRecipe:
     # REC answers in SFT name the target before its box ("red striped circle [x1, y1, x2, y2]"), written
     # exactly as a description writes a mention (Ferret's REC answers name the object too), so that
     # both tasks write a box in the same context, after the object's phrase; the evaluator reads the
-    # first box either way. False: the box alone.
+    # first box either way. False: the box alone. Measured 2026-11-29 with box_label_slack 0.15 in a
+    # default run: base REC fell to 4.1 % Acc@0.5 (6.3 without it); round 1 tightened the described
+    # boxes (IoU >= 0.7 +6.2 [-2.5, +14.9]) but REC answers again did not follow (Acc@0.5 -0.4, -0.8,
+    # CIs across 0; REC box side 1.22x the GT's before and 1.24x after), so it stays off.
     rec_answer_names_object: bool = False
     # Dense grounding pretraining of the vision tower before SFT (`services.bootstrap.vision_pretrain`):
     # each patch learns the box and attributes of the object under it. Without it the policy ignored the
