@@ -147,6 +147,15 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, overrides
 
 
+def run_policy(run: Path) -> Path:
+    """The base policy the run trained on, from its adapters' lineage (``baseModelId`` of their
+    manifests), so that a run from another bootstrap recipe (``spr-main --bootstrap-steps 2000``) is
+    compared with its own base; the default recipe's policy for a run that published nothing."""
+    for manifest in sorted((run / "adapters" / "versions").glob("*/spr_manifest.json")):
+        return Path(json.loads(manifest.read_text(encoding="utf-8"))["baseModelId"])
+    return folder_for(recipe_of(MainJobConfig())) / "policy"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=MainJobConfig().work, help="a finished spr-main --work")
@@ -155,7 +164,7 @@ def main() -> None:
     parser.add_argument("--rec-pairs", type=int, default=0, help="train on N on-policy REC pairs instead")
     args = parser.parse_args()
     variants = args.variant or [("main-job defaults", {})]
-    policy = folder_for(recipe_of(MainJobConfig())) / "policy"
+    policy = run_policy(args.run)
     if not is_complete(policy.parent):
         raise SystemExit(f"no cached bootstrap policy at {policy}: run spr-main first")
     base = read_outputs(args.run / "rec_results.json")[0]
