@@ -104,8 +104,9 @@ class PolicyRecipe:
     # 8.9 % with number_init and sigma 50, still climbing (1.2 % at step 250, 5.4 % at 500).
     # 2000 steps (26 min, 2026-11-29): base 8.6 % (7.6 % at 750 on the same machine), and the loop's
     # adapters from it averaged +0.7 points of Acc@0.5 (six, one CI clear of 0) where the 750-step
-    # base's lost 0.6-2.1 (README, #7); the SFT step is compute-bound (~110 GFLOP/s), so the
-    # 30-minute fresh-install goal keeps 750.
+    # base's lost 0.6-3.0 (README, #7); the SFT step is compute-bound (~110 GFLOP/s), so the
+    # 30-minute fresh-install goal cannot hold 2000. 1100 steps fit it (base 9.2 %) but their rounds
+    # lost REC (-1.2, -1.6), so the default stays 750.
     steps: int = 750
     batch_size: int = 48
     learning_rate: float = 1e-3

@@ -66,7 +66,8 @@ def client_settings(impl: BrokerImpl | str, bootstrap_servers: str) -> KafkaSett
     Not worked around: noida answers an empty fetch at once instead of holding it for
     ``fetch.max.wait.ms``, so an idle kafka-python consumer spins at ~0.3 of a core (Tansu: 0.03).
     Polling without waiting and sleeping between empty fetches cut that to 0.05, but made two consumer
-    tests flaky under load in CI (2026-11-27), so it was taken out again.
+    tests flaky under load in CI (2026-11-27), so it was taken out again. ``spr-main`` therefore runs on
+    Tansu by default (``MainJobConfig.broker``): its idle stages had starved the trainer.
 
     Behaviours that no client setting changes are documented where they bite: noida's asynchronous
     snapshots (:meth:`BrokerProcess.kill`), its group generations lost on restart
