@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -131,6 +132,11 @@ class Topic(Generic[M]):
         """Header value written by producers, e.g. ``spr.v1.PairDecision/1``."""
         return schema_id(self.message_type, self.schema_version)
 
+    @cached_property
+    def schema_header(self) -> bytes:
+        """:attr:`schema` as the header's bytes; made once, as every record sent or read needs it."""
+        return self.schema.encode("ascii")
+
     def accepts(self, version: int) -> bool:
         """True if consumers of this topic decode values written with schema ``version``."""
         return version in (self.accepted_versions or frozenset({self.schema_version}))
@@ -178,9 +184,18 @@ class ProtoProducer:
         self._producer = KafkaProducer(**{**settings.producer_kwargs(), **overrides})
         self._tracked: set[str] = set()
 
-    def send(self, topic: Topic[M], key: str, message: M, *, extra_headers: Headers | None = None) -> Any:
+    def send(
+        self,
+        topic: Topic[M],
+        key: str,
+        message: M,
+        *,
+        extra_headers: Headers | None = None,
+        partition: int | None = None,
+    ) -> Any:
         """Queue ``message`` on ``topic``; returns kafka-python's future of the record metadata.
 
+        ``partition``: where it goes; by default the key's hash picks it (Kafka's murmur2 partitioner).
         Raises :class:`SchemaError` if ``message`` is not of the topic's declared type.
         """
         if not isinstance(message, topic.message_type):
@@ -189,9 +204,13 @@ class ProtoProducer:
                 f"got {type(message).DESCRIPTOR.full_name}"
             )
         self._track(topic.name)
-        headers: Headers = [(SCHEMA_HEADER, topic.schema.encode("ascii")), *(extra_headers or [])]
+        headers: Headers = [(SCHEMA_HEADER, topic.schema_header), *(extra_headers or [])]
         return self._producer.send(
-            topic.name, key=key.encode("utf-8"), value=message.SerializeToString(), headers=headers
+            topic.name,
+            key=key.encode("utf-8"),
+            value=message.SerializeToString(),
+            headers=headers,
+            partition=partition,
         )
 
     def _track(self, name: str) -> None:
@@ -297,6 +316,8 @@ def _check_header(topic: Topic[Any], headers: tuple[tuple[str, bytes], ...]) -> 
     values = [value for name, value in headers if name == SCHEMA_HEADER]
     if len(values) != 1:
         raise SchemaError(f"expected one {SCHEMA_HEADER} header, found {len(values)}")
+    if values[0] == topic.schema_header and topic.accepts(topic.schema_version):  # no parsing needed
+        return topic.schema_version
     name, version = parse_schema_id(values[0])
     expected = topic.message_type.DESCRIPTOR.full_name
     if name != expected:

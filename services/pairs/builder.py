@@ -4,11 +4,12 @@ and produces exactly one ``PairDecision`` per region to ``pairs`` (SPEC §3, str
 **Partitioning.** Every stream topic is keyed by region id with one partition count, so all records of
 a region sit on the same partition number p of each input topic. The consumer uses the range assignor,
 which hands partition p of every subscribed topic to the same member: the join is local, and the
-decision (keyed by region id) lands on partition p of ``pairs`` too.
+decision (keyed by region id) is sent to partition p of ``pairs``.
 
 **Join.** :class:`~services.pairs.join.JoinState` buffers a region's records until the description and
 both score records are there (only the localization one when ``lambda_sem == 0``). The records must name
-the same candidates and run id (:func:`~services.pairs.logic.mismatch`), else they all go to the
+the same candidates and run id (:func:`~services.pairs.logic.run_mismatch`,
+:class:`~services.pairs.logic.RecordsMismatch`), else they all go to the
 dead-letter topic (code ``RECORDS_MISMATCH``) and the region gets no decision: no skip reason fits, and
 the dead letters are where such a region ends. Otherwise :func:`~services.pairs.logic.decide_all` refines,
 re-scores and applies the margin rule, and the decision is produced with the idempotent pair id
@@ -92,7 +93,14 @@ from services.common.topics import (
 )
 from services.pairs import metrics
 from services.pairs.join import JoinState, Kind, OpenRegion, Status
-from services.pairs.logic import decide_all, mismatch, timed_out, upstream_failed, upstream_failure
+from services.pairs.logic import (
+    RecordsMismatch,
+    decide_all,
+    run_mismatch,
+    timed_out,
+    upstream_failed,
+    upstream_failure,
+)
 from services.pairs.settings import PairBuilderSettings
 from spr.v1 import common_pb2, pairs_pb2
 
@@ -239,7 +247,7 @@ class PairBuilder:
         for region in complete:
             description = region.message(Kind.DESCRIPTION)
             localization, semantic = region.message(Kind.LOCALIZATION), region.message(Kind.SEMANTIC)
-            problem = mismatch(description, localization, semantic)
+            problem = run_mismatch(description, localization, semantic)  # candidates: decide_all
             failure = None if problem else upstream_failure(description, localization, semantic)
             if problem:
                 self._reject(region, CODE_MISMATCH, problem)
@@ -254,7 +262,9 @@ class PairBuilder:
         metrics.DECIDE_SECONDS.observe(time.perf_counter() - started)
         metrics.DECIDE_BATCH.observe(len(decidable))
         for region, decision in zip(decidable, decisions, strict=True):
-            if isinstance(decision, ValueError):  # e.g. an unknown coordinate format, a non-finite score
+            if isinstance(decision, RecordsMismatch):
+                self._reject(region, CODE_MISMATCH, str(decision))
+            elif isinstance(decision, ValueError):  # e.g. an unknown coordinate format, a non-finite score
                 self._reject(region, CODE_INVALID, str(decision))
             elif isinstance(decision, Exception):  # a bug must not stop the stream: dead-letter the region
                 self._reject(region, CODE_INTERNAL, f"{type(decision).__name__}: {decision}")
@@ -293,7 +303,10 @@ class PairBuilder:
         self.state.close(region)
 
     def _produce(self, region: OpenRegion, decision: pairs_pb2.PairDecision, candidates: int) -> None:
-        self._pending.append(self.producer.send(self.pairs, region.region_id, decision))
+        # Partition p of `pairs` holds the decisions of input partition p (module doc) by construction,
+        # whatever partitioner wrote the inputs (and the client skips hashing the key).
+        sent = self.producer.send(self.pairs, region.region_id, decision, partition=region.partition)
+        self._pending.append(sent)
         self.state.close(region)
         self._observed.add(decision, self.clock() - region.opened_at, candidates)
 

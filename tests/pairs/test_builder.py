@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from kafka.partitioner.default import murmur2
 from prometheus_client import REGISTRY
 
 from services.common.kafka_io import SCHEMA_HEADER, KafkaSettings, ProtoProducer, ensure_topics
@@ -236,3 +237,24 @@ def test_a_region_that_breaks_the_batch_is_dead_lettered_alone(
     assert {dict(r.headers)["spr-error-code"].decode() for r in dead} == {CODE_INTERNAL}
     assert "RuntimeError: injected bug" in dict(dead[0].headers)["spr-error-message"].decode()
     assert max(calls) > 1  # the poisoned region was first decided in a batch with others
+
+
+def test_decisions_land_on_the_partition_of_their_inputs(kafka_broker: BrokerProcess) -> None:
+    # Partition p of `pairs` must hold the decisions of input partition p (the restart scan relies on it),
+    # even when the inputs' producer placed regions by another rule than Kafka's key hash (librdkafka's
+    # default partitioner, for one, hashes keys differently).
+    kafka = kafka_broker.settings()
+    topics, settings = _stream(kafka, "placed")
+    regions = {f"placed/{i}": i % topics.pairs.partitions for i in range(9)}
+    with ProtoProducer(kafka) as producer:
+        for region_id, partition in regions.items():
+            inputs = (topics.descriptions, topics.localization, topics.semantic)
+            for topic, message in zip(inputs, region_messages(region_id), strict=True):
+                producer.send(topic, region_id, message, partition=partition)
+    hashed = {region_id: murmur2(region_id.encode()) & 0x7FFFFFFF for region_id in regions}
+    assert any(hashed[r] % topics.pairs.partitions != p for r, p in regions.items())  # not the hash's
+
+    with _running(PairBuilder(settings, kafka)):
+        decisions = read_topic(kafka, topics.pairs, lambda found: len(found) >= len(regions), timeout_s=60)
+
+    assert {d.key: d.partition for d in decisions} == regions

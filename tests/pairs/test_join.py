@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from services.common.kafka_io import ConsumedRecord
 from services.pairs.join import JoinState, Kind, Status
-from services.pairs.logic import PairRules, mismatch, timed_out
+from services.pairs.logic import PairRules, RecordsMismatch, decide, run_mismatch, timed_out
 from spr.v1 import pairs_pb2
 from tests.pairs.records import description, localization, semantic
 
@@ -109,12 +111,19 @@ def test_commit_offset_stops_at_the_oldest_open_region_on_each_partition() -> No
 def test_mismatched_candidates_or_run_ids_are_reported() -> None:
     record = description("r1", run_id="run-a")
     loc, sem = localization(record), semantic(record)
-    assert mismatch(record, loc, sem) == ""
-    assert mismatch(record, loc, None) == ""
+    rules = PairRules(run_id="run-a")
+    assert run_mismatch(record, loc, sem) == "" and run_mismatch(record, loc, None) == ""
+    assert decide(record, loc, sem, rules).region_id == "r1"
     other = description("r1", candidates=7, run_id="run-a")
-    assert "localization scores name candidates" in mismatch(other, loc, sem)
+    with pytest.raises(RecordsMismatch, match="localization scores name candidates"):
+        decide(other, loc, sem, rules)
+    with pytest.raises(RecordsMismatch, match="semantic scores name candidates"):
+        decide(other, localization(other), sem, rules)
+    reordered = localization(record)
+    reordered.scores.reverse()  # the same candidates in another order still match
+    assert decide(record, reordered, sem, rules).region_id == "r1"
     sem.lineage.run_id = "run-b"
-    assert "semantic scores are of run 'run-b'" in mismatch(record, loc, sem)
+    assert "semantic scores are of run 'run-b'" in run_mismatch(record, loc, sem)
 
 
 def test_a_timed_out_region_is_a_skip_with_its_lineage() -> None:
