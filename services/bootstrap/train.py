@@ -7,6 +7,7 @@ answer and the end-of-sequence token. Only the answer (and its end) carries loss
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -21,6 +22,7 @@ from services.bootstrap.recipe import BINS, PolicyRecipe
 from services.policy.runner import chat_prompt
 
 IGNORE = -100
+LENGTH_SORTED_PARTS = 3  # forward passes per batch, over rows of similar lengths (length_sorted_parts)
 
 
 @dataclass(frozen=True)
@@ -80,42 +82,52 @@ class CoordinateSmoothing:
     """Gaussian soft labels over the number tokens: a box number off by a few bins is nearly right."""
 
     value_of: torch.Tensor  # (vocab,) the number a token stands for, -1 for other tokens
-    sigma: float
+    number_ids: torch.Tensor  # (bins,) the token of each number
+    table: torch.Tensor  # (bins, bins) row v: the target distribution over the numbers when v is right
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any, bins: int, sigma: float) -> CoordinateSmoothing:
-        value_of = torch.full((len(tokenizer),), -1.0)
-        for value in range(bins):
-            ids = tokenizer.convert_tokens_to_ids([str(value)])
-            value_of[ids[0]] = float(value)
-        return cls(value_of, sigma)
+        number_ids = torch.tensor(tokenizer.convert_tokens_to_ids([str(value) for value in range(bins)]))
+        if len(set(number_ids.tolist())) != bins:
+            raise ValueError(f"the tokenizer has no token of its own for every number 0..{bins - 1}")
+        value_of = torch.full((len(tokenizer),), -1, dtype=torch.long)
+        value_of[number_ids] = torch.arange(bins)
+        values = torch.arange(bins, dtype=torch.float32)
+        weights = torch.exp(-((values[None, :] - values[:, None]) ** 2) / (2 * sigma**2))
+        return cls(value_of, number_ids, weights / weights.sum(-1, keepdim=True))
 
-    def targets(self, labels: torch.Tensor) -> torch.Tensor:
-        """(n, vocab) target distributions: one-hot, or a Gaussian over numbers for number labels."""
-        value_of = self.value_of.to(labels.device)
-        hard = torch.nn.functional.one_hot(labels.clamp(min=0), value_of.numel()).float()
-        values = value_of[labels.clamp(min=0)]
-        is_number = (values >= 0) & (labels >= 0)
-        weights = torch.exp(-((value_of[None, :] - values[:, None]) ** 2) / (2 * self.sigma**2))
-        weights = weights * (value_of[None, :] >= 0)
-        soft = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
-        return torch.where(is_number[:, None], soft, hard)
+    def nll(self, log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(n,) cross-entropy of each row of ``log_probs`` (n, vocab) against its label's target: the
+        Gaussian over the numbers for a number label, else the label itself.
+
+        Only the number rows touch the (bins-wide) soft targets: building (n, vocab) targets for every
+        row was a fifth of a description batch's step.
+        """
+        hard = -log_probs.gather(1, labels[:, None]).squeeze(1)
+        values = self.value_of.to(labels.device)[labels]
+        rows = (values >= 0).nonzero().squeeze(1)
+        if not len(rows):
+            return hard
+        number_log_probs = log_probs[rows][:, self.number_ids.to(labels.device)]
+        soft = -(self.table.to(labels.device)[values[rows]] * number_log_probs).sum(-1)
+        return hard.index_put((rows,), soft)
 
 
-def answer_loss(
+def answer_loss_sum(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], smoothing: CoordinateSmoothing | None = None
-) -> torch.Tensor:
-    """Cross-entropy of the answer tokens, from logits of the last positions only."""
+) -> tuple[torch.Tensor, int]:
+    """Cross-entropy of the answer tokens, summed, and their count; from logits of the last positions only."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, logits_to_keep=labels.shape[1]).logits
     # logits at position i predict token i + 1
     flat_logits, flat_labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
-    if smoothing is None:
-        return torch.nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE)
     keep = flat_labels != IGNORE
-    log_probs = torch.log_softmax(flat_logits[keep], dim=-1)
-    return -(smoothing.targets(flat_labels[keep]) * log_probs).sum(-1).mean()
+    kept_logits, kept_labels = flat_logits[keep], flat_labels[keep]
+    if smoothing is None:
+        return torch.nn.functional.cross_entropy(kept_logits, kept_labels, reduction="sum"), len(kept_labels)
+    log_probs = torch.log_softmax(kept_logits, dim=-1)
+    return smoothing.nll(log_probs, kept_labels).sum(), len(kept_labels)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, floor: float = 0.0) -> float:
@@ -155,6 +167,39 @@ def fit_steps(
     return log
 
 
+def length_sorted_parts(examples: Sequence[Encoded], parts: int) -> list[list[Encoded]]:
+    """``examples`` sorted by length and cut into ``parts`` runs of similar lengths (one forward each).
+
+    A batch is padded to its longest row, and description lengths vary 2x: a random batch of 48 was
+    1.45x its real tokens and its answer span 107 rows for a median answer of 39; in three sorted parts
+    1.13x and 66 rows. The batch itself stays random: sorting whole batches by length (HF's
+    ``group_by_length``) cost the 750-step policy half its REC accuracy (Acc@0.5 7.6 -> 3.4).
+    """
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    bounds = [len(ordered) * i // parts for i in range(parts + 1)]
+    return [ordered[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def batch_loss(
+    model: torch.nn.Module,
+    processor: Any,
+    examples: Sequence[Encoded],
+    smoothing: CoordinateSmoothing | None,
+    device: str,
+    parts: int = LENGTH_SORTED_PARTS,
+) -> torch.Tensor:
+    """Mean loss over the answer tokens of ``examples``, as one batch would give it, computed in
+    :func:`length_sorted_parts` (summed, then divided by the batch's token count: the same objective)."""
+    total: torch.Tensor | float = 0.0
+    count = 0
+    for part in length_sorted_parts(examples, parts):
+        batch = {k: v.to(device) for k, v in collate(processor, part).items()}
+        loss, tokens = answer_loss_sum(model, batch, smoothing)
+        total, count = total + loss, count + tokens
+    assert isinstance(total, torch.Tensor)  # examples is never empty
+    return total / count
+
+
 def train(
     model: torch.nn.Module,
     processor: Any,
@@ -182,11 +227,8 @@ def train(
 
     def loss_at(step: int) -> torch.Tensor:
         pool = rec if (rng.random() < recipe.rec_share or not describe) else describe
-        batch = {
-            k: v.to(device)
-            for k, v in collate(processor, rng.sample(pool, min(recipe.batch_size, len(pool)))).items()
-        }
-        return answer_loss(model, batch, smoothing)
+        examples = rng.sample(pool, min(recipe.batch_size, len(pool)))
+        return batch_loss(model, processor, examples, smoothing, device)
 
     log = TrainLog()
     parameters = list(model.parameters())

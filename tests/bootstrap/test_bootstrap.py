@@ -4,6 +4,7 @@ matching what serving sends; the coordinate soft labels."""
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from services.bootstrap.pipeline import (
     world_files,
 )
 from services.bootstrap.recipe import BINS, PolicyRecipe, build_model, build_processor
-from services.bootstrap.train import IGNORE, CoordinateSmoothing, encode
+from services.bootstrap.train import IGNORE, CoordinateSmoothing, batch_loss, encode, length_sorted_parts
 from services.core.boxes import Box
 from services.core.formats import parse
 from services.evaluation.cli import evaluate
@@ -169,13 +170,44 @@ def test_coordinate_soft_labels() -> None:
     tokenizer = processor.tokenizer
     smoothing = CoordinateSmoothing.for_tokenizer(tokenizer, BINS, sigma=15.0)
     labels = torch.tensor(tokenizer.convert_tokens_to_ids(["500", "0", "]"]))
-    targets = smoothing.targets(labels)
-    assert torch.allclose(targets.sum(-1), torch.ones(3))
-    assert targets[0].argmax() == labels[0] and targets[1].argmax() == labels[1]
-    near, far = tokenizer.convert_tokens_to_ids(["515", "560"])
-    assert float(targets[0, near]) == pytest.approx(float(targets[0, labels[0]]) * 0.6065307, rel=1e-4)
-    assert targets[0, far] < 1e-3 * targets[0, labels[0]]
-    assert targets[2, labels[2]] == 1.0  # not a number: the usual one-hot
+    log_probs = torch.log_softmax(
+        torch.randn(3, len(tokenizer), generator=torch.Generator().manual_seed(0)), -1
+    )
+    # the definition: a Gaussian of sigma 15 bins over the number tokens, normalised; one-hot otherwise
+    numbers = torch.tensor(tokenizer.convert_tokens_to_ids([str(v) for v in range(BINS)]))
+    expected = []
+    for row, value in enumerate((500, 0, None)):
+        if value is None:
+            expected.append(-log_probs[row, labels[row]])
+            continue
+        weights = torch.exp(-((torch.arange(BINS) - value) ** 2) / (2 * 15.0**2))
+        expected.append(-(weights / weights.sum() * log_probs[row, numbers]).sum())
+    assert torch.allclose(smoothing.nll(log_probs, labels), torch.stack(expected), atol=1e-5)
+    near, far = (smoothing.table[500, 515], smoothing.table[500, 560])
+    assert float(near) == pytest.approx(float(smoothing.table[500, 500]) * 0.6065307, rel=1e-4)
+    assert far < 1e-3 * smoothing.table[500, 500]
+    assert torch.equal(smoothing.nll(log_probs[2:], labels[2:]), -log_probs[2:, labels[2]])  # no number row
+
+
+def test_a_batch_in_length_sorted_parts_has_the_loss_and_gradients_of_one_batch(smoke: Bootstrapped) -> None:
+    processor = build_processor(SMOKE)
+    rec, describe = training_data(training_split(world_files(smoke)), processor, SMOKE)
+    examples = random.Random(0).sample(describe, 6) + random.Random(0).sample(rec, 3)
+    parts = length_sorted_parts(examples, 3)
+    assert [len(p) for p in parts] == [3, 3, 3]
+    assert sorted((e for p in parts for e in p), key=id) == sorted(examples, key=id)
+    assert max(len(e.input_ids) for e in parts[0]) <= min(len(e.input_ids) for e in parts[1])
+    model = build_model(SMOKE, processor)
+    smoothing = CoordinateSmoothing.for_tokenizer(processor.tokenizer, BINS, SMOKE.coordinate_sigma_bins)
+    losses, grads = [], []
+    for count in (1, 3):
+        model.zero_grad()
+        loss = batch_loss(model, processor, examples, smoothing, "cpu", parts=count)
+        loss.backward()  # type: ignore[no-untyped-call]
+        losses.append(float(loss.detach()))
+        grads.append(model.lm_head.weight.grad.clone())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
 def test_position_embeddings_start_at_the_content_scale() -> None:
