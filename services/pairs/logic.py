@@ -113,8 +113,9 @@ def decide_all(
 
 class RecordsMismatch(ValueError):
     """The records of one region do not belong together: the score records must name exactly the
-    description's candidates, and all of them carry its run id. Scores of another description of the
-    region (a retried describer) or of another run must not be joined."""
+    description's candidates (checked by :func:`decide_all`, which raises this) and carry its run id
+    (:func:`run_mismatch`). Scores of another description of the region (a retried describer) or of
+    another run must not be joined."""
 
 
 def run_mismatch(
