@@ -7,8 +7,10 @@ answer and the end-of-sequence token. Only the answer (and its end) carries loss
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import operator
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -190,14 +192,12 @@ def batch_loss(
 ) -> torch.Tensor:
     """Mean loss over the answer tokens of ``examples``, as one batch would give it, computed in
     :func:`length_sorted_parts` (summed, then divided by the batch's token count: the same objective)."""
-    total: torch.Tensor | float = 0.0
-    count = 0
-    for part in length_sorted_parts(examples, parts):
-        batch = {k: v.to(device) for k, v in collate(processor, part).items()}
-        loss, tokens = answer_loss_sum(model, batch, smoothing)
-        total, count = total + loss, count + tokens
-    assert isinstance(total, torch.Tensor)  # examples is never empty
-    return total / count
+    sums = [
+        answer_loss_sum(model, {k: v.to(device) for k, v in collate(processor, part).items()}, smoothing)
+        for part in length_sorted_parts(examples, parts)
+    ]
+    total: torch.Tensor = functools.reduce(operator.add, (loss for loss, _ in sums))
+    return total / sum(tokens for _, tokens in sums)
 
 
 def train(

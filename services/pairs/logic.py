@@ -135,12 +135,15 @@ def run_mismatch(
     return ""
 
 
-def _check_candidates(scored: Any, name: str, named: list[str], ids: list[str]) -> None:
-    """Raises :class:`RecordsMismatch` unless ``named`` (a score record's candidate ids) are ``ids``."""
-    if scored.HasField("error"):
-        return  # a failure record names no candidates (see upstream_failed)
-    if named != ids and sorted(named) != sorted(ids):  # the scorers keep the order; others may not
+def _scores_by_id(scored: Any, name: str, ids: list[str]) -> dict[str, Any]:
+    """A score record's scores by candidate id (the last of repeated ids); raises
+    :class:`RecordsMismatch` unless they name exactly the description's candidates ``ids``."""
+    scores = list(scored.scores)
+    named = [s.candidate_id for s in scores]
+    # A failure record names no candidates (see upstream_failed); the scorers keep the order, others may not.
+    if not scored.HasField("error") and named != ids and sorted(named) != sorted(ids):
         raise RecordsMismatch(f"{name} scores name candidates {named[:4]}..., the description {ids[:4]}...")
+    return dict(zip(named, scores, strict=True))
 
 
 @dataclass(frozen=True)
@@ -235,16 +238,8 @@ def _prepare(
             raise ValueError("a semantic score record is required unless lambda_sem == 0")
         candidates = list(record.candidates)
         all_ids = [c.candidate_id for c in candidates]
-        loc_scores = list(localization.scores)
-        loc_ids = [s.candidate_id for s in loc_scores]
-        _check_candidates(localization, "localization", loc_ids, all_ids)
-        loc = dict(zip(loc_ids, loc_scores, strict=True))  # the last of repeated ids, as before
-        sem = {}
-        if semantic is not None:
-            sem_scores = list(semantic.scores)
-            sem_ids = [s.candidate_id for s in sem_scores]
-            _check_candidates(semantic, "semantic", sem_ids, all_ids)
-            sem = dict(zip(sem_ids, sem_scores, strict=True))
+        loc = _scores_by_id(localization, "localization", all_ids)
+        sem = _scores_by_id(semantic, "semantic", all_ids) if semantic is not None else {}
         scored: Scored = []
         ids = []
         for index, (c, candidate_id) in enumerate(zip(candidates, all_ids, strict=True)):
