@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from transformers import PreTrainedModel, ProcessorMixin, TrainerCallback
 from trl.trainer.dpo_config import DPOConfig
-from trl.trainer.dpo_trainer import DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForVisionPreference, DPOTrainer
 
 from services.modelzoo.loading import load_policy
 from trainer.config import PREFERENCE_ACCURACY, REWARD_MARGIN, TrainerConfig
@@ -113,6 +114,44 @@ def load_start(cfg: TrainerConfig, parent_dir: Path | None) -> tuple[PreTrainedM
     return peft_model, processor  # type: ignore[return-value]
 
 
+def serving_prefix_ids(tokenizer: Any) -> list[int]:
+    """The special tokens serving's tokenizer call (``add_special_tokens=True``) puts before a text:
+    LLaMA's BOS; none for Qwen's tokenizers."""
+    plain: list[int] = tokenizer("x", add_special_tokens=False)["input_ids"]
+    served: list[int] = tokenizer("x", add_special_tokens=True)["input_ids"]
+    cut = len(served) - len(plain)
+    return served[:cut] if cut > 0 and served[cut:] == plain else []
+
+
+@dataclass
+class ServingPrefixCollator(DataCollatorForVisionPreference):
+    """TRL's vision preference collator, each sequence starting with the tokens serving starts it with.
+
+    TRL tokenizes the rendered prompt with ``add_special_tokens=False``, trusting the chat template to
+    write the BOS. LLaVA-1.5's template does not (serving's processor call adds it), so without this
+    every round trained the policy on sequences without the BOS that each sequence of its SFT and of
+    serving starts with: position 0, which every other position attends to, held another token.
+    Writing ``<s>`` into the prompt text instead would change how the text after it is tokenized
+    (``▁USER`` becomes ``U`` ``SER``), so the ids are put in front of the collated batch, whose rows
+    TRL has flushed left.
+    """
+
+    prefix_ids: list[int] = field(default_factory=list)
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = super().torch_call(examples)
+        if not self.prefix_ids:
+            return batch
+        ids: torch.Tensor = batch["input_ids"]
+        prefix = torch.tensor(self.prefix_ids, dtype=ids.dtype).expand(len(ids), -1)
+        batch["input_ids"] = torch.cat((prefix, ids), dim=1)
+        batch["attention_mask"] = torch.cat((torch.ones_like(prefix), batch["attention_mask"]), dim=1)
+        for key in ("completion_mask", "token_type_ids", "mm_token_type_ids"):
+            if key in batch:
+                batch[key] = torch.cat((torch.zeros_like(prefix), batch[key]), dim=1)
+        return batch
+
+
 def render_closed(processor: ProcessorMixin, row: dict[str, Any]) -> dict[str, Any]:
     """One conversational row -> TRL's standard (text) row, rendered by the policy's chat template, with
     each answer ending in exactly one EOS token.
@@ -154,9 +193,13 @@ def make_trainer(
     callbacks: list[TrainerCallback] | None = None,
 ) -> DPOTrainer:
     """TRL's DPOTrainer; a fresh LoRA is added by TRL unless the model already carries an adapter."""
+    args = dpo_config(cfg, output_dir)
+    tokenizer: Any = getattr(processor, "tokenizer", processor)
+    collator = ServingPrefixCollator(processor, args.max_length, prefix_ids=serving_prefix_ids(tokenizer))
     return DPOTrainer(
         model=model,
-        args=dpo_config(cfg, output_dir),
+        args=args,
+        data_collator=collator,
         train_dataset=closed_answers(train, processor),
         processing_class=processor,
         peft_config=None if isinstance(model, PeftModel) else lora_config(cfg),

@@ -156,3 +156,29 @@ def test_every_trained_answer_ends_in_exactly_one_eos(tmp_path: Path, policy: st
     for ids, mask in zip(batch["input_ids"], batch["completion_mask"], strict=True):
         last = int(mask.nonzero().max())  # the last trained token of each chosen / rejected row
         assert int(ids[last]) == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("policy", ["tiny-qwen2.5-vl", "tiny-llava"])
+def test_every_trained_prompt_is_the_token_sequence_serving_sends(tmp_path: Path, policy: str) -> None:
+    """TRL tokenizes prompts without special tokens, trusting the chat template to write the BOS;
+    LLaVA-1.5's does not (serving's processor call adds it), so rounds trained the world policy on
+    sequences that lacked the first token of every sequence it was trained and served on. Each trained
+    prompt, chosen and rejected rows alike, must be exactly serving's ids for the same turn and image."""
+    model_dir = ensure_model(policy)
+    model, processor = load_policy(str(model_dir), "cpu", "float32")
+    family = get_family("ferret" if policy == "tiny-llava" else "qwen2.5-vl")
+    pairs = make_pairs(tmp_path / "img", 3)
+    dataset = build_dataset(pairs, family)
+    cfg = small_config(model_dir, tmp_path, model_family=family.name)
+    trainer = make_trainer(cfg, model, processor, dataset, tmp_path / "t")
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(pairs))])
+    served = [
+        processor(text=[chat_prompt(processor, pair.prompt)], images=row["images"], return_tensors="pt")[
+            "input_ids"
+        ][0].tolist()
+        for pair, row in zip(pairs, dataset, strict=True)
+    ]
+    rows = zip(batch["input_ids"], batch["attention_mask"], batch["completion_mask"], strict=True)
+    for index, (ids, mask, completion) in enumerate(rows):
+        prompt = ids[mask.bool() & ~completion.bool()].tolist()
+        assert prompt == served[index % len(pairs)], processor.tokenizer.convert_ids_to_tokens(prompt[:4])
