@@ -16,7 +16,10 @@ variant on 2 CPU cores (one round of ~110 pairs, 1000 expressions).
 *training* split 8 times each (the describer's sampling: T 1.0, top-p 0.9), chosen = the answer with
 the best IoU against the GT box (replaced by the GT box at IoU > 0.5, as SPR refines), rejected = the
 worst, skipped under the margin δ = 0.05. That is the held-out task itself, on-policy and with GT-based
-preferences: an upper bound on what a round of region descriptions can transfer to REC.
+preferences: an upper bound on what a round of region descriptions can transfer to REC. With
+`--rec-truth` the chosen answer is always the GT box: with the variant
+`'sft={"objective": "sft-chosen", "learning_rate": 1e-3, "num_epochs": 1}'` that is supervised REC
+training on N expressions, the most any round of N examples could teach the held-out task.
 """
 
 from __future__ import annotations
@@ -67,8 +70,11 @@ def base_pairs(run: Path, scratch: Path) -> list[pairs_pb2.PreferencePair]:
     return [pair for pair in pairs if not pair.lineage.adapter_version]
 
 
-def rec_pairs(policy: Path, count: int, delta: float = 0.05) -> list[pairs_pb2.PreferencePair]:
-    """On-policy REC pairs from `count` expressions of the world's training split (module docstring)."""
+def rec_pairs(
+    policy: Path, count: int, always_truth: bool = False, delta: float = 0.05
+) -> list[pairs_pb2.PreferencePair]:
+    """On-policy REC pairs from `count` expressions of the world's training split (module docstring);
+    ``always_truth``: the chosen answer is always the GT box."""
     samples = random.Random(0).sample(read_spr_rec(policy.parent / "world" / "rec_train.json"), count)
     images = {s.image_path: Image.open(s.image_path).convert("RGB") for s in samples}
     truth = {
@@ -88,7 +94,7 @@ def rec_pairs(policy: Path, count: int, delta: float = 0.05) -> list[pairs_pb2.P
                 (read_prediction(sample, text, FORMAT, size, size).iou, text) for text in result.texts
             )
             (worst, rejected), (best, chosen) = scored[0], scored[-1]
-            if best > 0.5:
+            if always_truth or best > 0.5:
                 best, chosen = 1.0, truth[sample.sample_id]
             if best - worst >= delta and chosen != rejected:
                 pairs.append(rec_pair(sample, size, (chosen, best), (rejected, worst)))
@@ -162,6 +168,7 @@ def main() -> None:
     parser.add_argument("--variant", type=parse_variant, action="append", default=[], help="NAME=JSON")
     parser.add_argument("--out", type=Path, default=None, help="keep adapters here (default: a temp dir)")
     parser.add_argument("--rec-pairs", type=int, default=0, help="train on N on-policy REC pairs instead")
+    parser.add_argument("--rec-truth", action="store_true", help="--rec-pairs: chosen = the GT box always")
     args = parser.parse_args()
     variants = args.variant or [("main-job defaults", {})]
     policy = run_policy(args.run)
@@ -172,7 +179,10 @@ def main() -> None:
     if [s.sample_id for s in samples] != [p.sample_id for p in base.predictions]:
         raise SystemExit("the run's base answers are not on this bootstrap's REC split")
     scratch = Path(tempfile.mkdtemp(prefix="bench-dpo-")) if args.out is None else args.out
-    pairs = rec_pairs(policy, args.rec_pairs) if args.rec_pairs else base_pairs(args.run, scratch)
+    if args.rec_pairs:
+        pairs = rec_pairs(policy, args.rec_pairs, args.rec_truth)
+    else:
+        pairs = base_pairs(args.run, scratch)
     train, heldout = split_heldout(build_dataset(pairs, get_family(FAMILY)), TrainerConfig().heldout_fraction)
     source = "on-policy REC" if args.rec_pairs else "base"
     print(f"{len(pairs)} {source} pairs: {len(train)} train, {len(heldout)} held out", flush=True)
