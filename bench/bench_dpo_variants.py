@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import sys
@@ -190,8 +191,8 @@ def main() -> None:
     for name, overrides in variants:
         work = scratch / name.replace(" ", "_")
         round_ = train_round(trainer_config(policy, work, overrides), train, heldout, None, work)
-        margin = round_.metrics.get("eval_reward_margin", float("nan"))
-        print(f"{name}: held-out reward margin {margin:.3f}", flush=True)
+        held = {k: round_.metrics.get(f"eval_reward_{k}", math.nan) for k in ("margin", "chosen", "rejected")}
+        print(f"{name}: held-out reward " + ", ".join(f"{k} {v:+.3f}" for k, v in held.items()), flush=True)
         merged = merged_policy(policy, round_.adapter_dir, work / "merged")
         results.append(evaluate_one(PolicyRunner(str(merged)), samples, "", name))
     print("\n" + format_table(results))

@@ -11,6 +11,12 @@ LOSS = Gauge("spr_trainer_loss", "Last logged DPO training loss.")
 REWARD_MARGIN = Gauge(
     "spr_trainer_reward_margin", "Last logged chosen-minus-rejected reward margin.", ["split"]
 )
+REWARD = Gauge(
+    "spr_trainer_reward",
+    "Last logged implicit reward beta * (log pi - log pi_ref) of the chosen or rejected answers; a falling "
+    "chosen reward means the answers the round prefers became less likely than under the base.",
+    ["split", "answer"],
+)
 PREFERENCE_ACCURACY = Gauge(
     "spr_trainer_preference_accuracy", "Fraction of pairs whose chosen reward beats the rejected.", ["split"]
 )
@@ -29,7 +35,7 @@ ROUNDS = Counter("spr_trainer_rounds_total", "Training rounds by outcome.", ["ou
 
 
 class MetricsCallback(TrainerCallback):
-    """Mirrors TRL's logged loss / margin / accuracy into the gauges as training goes."""
+    """Mirrors TRL's logged loss / margin / accuracy / rewards into the gauges as training goes."""
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **_: Any
@@ -42,5 +48,8 @@ class MetricsCallback(TrainerCallback):
                 REWARD_MARGIN.labels(split).set(logs[f"{prefix}rewards/margins"])
             if f"{prefix}rewards/accuracies" in logs:
                 PREFERENCE_ACCURACY.labels(split).set(logs[f"{prefix}rewards/accuracies"])
+            for answer in ("chosen", "rejected"):
+                if f"{prefix}rewards/{answer}" in logs:
+                    REWARD.labels(split, answer).set(logs[f"{prefix}rewards/{answer}"])
         if "loss" in logs:
             LOSS.set(logs["loss"])

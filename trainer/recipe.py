@@ -28,7 +28,7 @@ from trl.trainer.dpo_config import DPOConfig
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference, DPOTrainer
 
 from services.modelzoo.loading import load_policy
-from trainer.config import PREFERENCE_ACCURACY, REWARD_MARGIN, TrainerConfig
+from trainer.config import PREFERENCE_ACCURACY, REWARD_CHOSEN, REWARD_MARGIN, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ _TRL_METRICS = {
     "loss": "loss",
     "rewards/margins": "reward_margin",
     "rewards/accuracies": "preference_accuracy",
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
 }
 
 
@@ -225,6 +227,8 @@ def heldout_metrics(trainer: DPOTrainer, processor: ProcessorMixin, heldout: Dat
     metrics = {
         PREFERENCE_ACCURACY: float(evaluated["eval_rewards/accuracies"]),
         REWARD_MARGIN: float(evaluated["eval_rewards/margins"]),
+        REWARD_CHOSEN: float(evaluated["eval_rewards/chosen"]),
+        "eval_reward_rejected": float(evaluated["eval_rewards/rejected"]),
         "eval_loss": float(evaluated["eval_loss"]),
     }
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
