@@ -28,6 +28,8 @@ LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate
 
 #: Training objectives (`objective`): preference learning, or the SFT-on-chosen control.
 OBJECTIVES = ("dpo", "sft-chosen")
+#: TRL's paired preference losses the 'dpo' objective may use (`dpo_loss`).
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "apo_zero")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -61,7 +63,15 @@ class TrainerConfig:
             "choices": OBJECTIVES,
         },
     )
-    beta: float = field(default=0.1, metadata=_help("DPO beta (sigmoid loss)."))
+    dpo_loss: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "TRL's preference loss of the 'dpo' objective: 'sigmoid' (DPO, the paper's), or 'ipo', "
+            "'hinge', 'apo_zero' (anchored: raises the chosen answers' likelihood, lowers the rejected).",
+            "choices": DPO_LOSSES,
+        },
+    )
+    beta: float = field(default=0.1, metadata=_help("DPO beta (the loss's temperature)."))
     rpo_alpha: float = field(
         default=1.0, metadata=_help("Weight of the NLL term on the chosen answer (RPO); 0 = pure DPO.")
     )
@@ -139,6 +149,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.dpo_loss not in DPO_LOSSES:
+            raise ValueError(f"dpo_loss must be one of {DPO_LOSSES}, got {self.dpo_loss!r}")
         if self.gate_tolerance_rec < 0 or self.gate_rec_limit < 0:
             raise ValueError("gate_tolerance_rec and gate_rec_limit must be >= 0")
 
@@ -176,6 +188,7 @@ class TrainerConfig:
         size when that gate is on (its metrics in the manifest mean nothing without naming the set)."""
         keys = [
             "objective",
+            "dpo_loss",
             "beta",
             "rpo_alpha",
             "learning_rate",

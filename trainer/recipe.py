@@ -71,8 +71,8 @@ def training_losses(cfg: TrainerConfig) -> tuple[list[str], list[float]]:
     if cfg.objective == "sft-chosen":
         return ["sft"], [1.0]
     if cfg.rpo_alpha > 0:
-        return ["sigmoid", "sft"], [1.0, cfg.rpo_alpha]
-    return ["sigmoid"], [1.0]
+        return [cfg.dpo_loss, "sft"], [1.0, cfg.rpo_alpha]
+    return [cfg.dpo_loss], [1.0]
 
 
 def dpo_config(cfg: TrainerConfig, output_dir: Path) -> DPOConfig:

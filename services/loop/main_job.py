@@ -117,6 +117,7 @@ class MainJobConfig:
     bootstrap_images: int = 0  # 0 = the recipe's
     bootstrap_vision_steps: int = -1  # the vision tower's pretraining steps (-1 = the recipe's, 0 = none)
     bootstrap_box_slack: float = -1.0  # how loose the SFT answers' boxes are (-1 = the recipe's, 0 = exact)
+    bootstrap_coordinate_sigma: float = -1.0  # SFT soft labels' width in bins (-1 = the recipe's, 0 = hard)
     bootstrap_rec_names_object: bool | None = None  # REC answers name the target first (None = the recipe's)
     # Who grounds the described phrases for S_loc: "world", the OWLv2 grounder trained on the world with
     # the bootstrap (`services.bootstrap.grounder`), as SPR uses a detector that localizes better than the
@@ -161,6 +162,8 @@ def recipe_of(cfg: MainJobConfig) -> PolicyRecipe:
         recipe = replace(recipe, vision_pretrain_steps=cfg.bootstrap_vision_steps)
     if cfg.bootstrap_box_slack >= 0:
         recipe = replace(recipe, box_label_slack=cfg.bootstrap_box_slack)
+    if cfg.bootstrap_coordinate_sigma >= 0:
+        recipe = replace(recipe, coordinate_sigma_bins=cfg.bootstrap_coordinate_sigma)
     if cfg.bootstrap_rec_names_object is not None:
         recipe = replace(recipe, rec_answer_names_object=cfg.bootstrap_rec_names_object)
     return recipe
@@ -553,6 +556,13 @@ def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
         " 0 = exact boxes)",
     )
     parser.add_argument(
+        "--bootstrap-coordinate-sigma",
+        type=float,
+        default=-1.0,
+        help="width (in 0-999 bins) of the SFT's Gaussian soft labels over the box numbers (-1 = the"
+        " recipe's, 0 = hard labels)",
+    )
+    parser.add_argument(
         "--bootstrap-rec-answer-names-object",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -591,6 +601,7 @@ def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
         bootstrap_images=args.bootstrap_images,
         bootstrap_vision_steps=args.bootstrap_vision_steps,
         bootstrap_box_slack=args.bootstrap_box_slack,
+        bootstrap_coordinate_sigma=args.bootstrap_coordinate_sigma,
         bootstrap_rec_names_object=args.bootstrap_rec_answer_names_object,
         grounder=args.grounder,
         grounder_steps=args.grounder_steps,

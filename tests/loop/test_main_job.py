@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from services.loop.main_job import main, parse_args, pipeline_of
+from services.bootstrap.recipe import PolicyRecipe
+from services.loop.main_job import main, parse_args, pipeline_of, recipe_of
 
 
 def test_prompt_modes_reach_the_describer_and_unknown_ones_are_refused(
@@ -25,6 +26,15 @@ def test_prompt_modes_reach_the_describer_and_unknown_ones_are_refused(
     with pytest.raises(SystemExit):
         parse_args(["--prompt-modes", "crop,zoom"])
     assert "expected a comma-separated list" in capsys.readouterr().err
+
+
+def test_bootstrap_knobs_reach_the_recipe_and_defaults_keep_it() -> None:
+    assert recipe_of(parse_args([])) == PolicyRecipe()
+    args = ["--bootstrap-steps", "1000", "--bootstrap-coordinate-sigma", "15", "--bootstrap-box-slack", "0"]
+    recipe = recipe_of(parse_args(args))
+    assert (recipe.steps, recipe.coordinate_sigma_bins, recipe.box_label_slack) == (1000, 15.0, 0.0)
+    assert recipe.fingerprint() != PolicyRecipe().fingerprint()  # another cache folder
+    assert recipe_of(parse_args(["--bootstrap-coordinate-sigma", "0"])).coordinate_sigma_bins == 0.0
 
 
 @pytest.mark.integration

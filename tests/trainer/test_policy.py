@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from services.adapters.state import AdapterHistory
 from spr.v1 import adapters_pb2, pairs_pb2
 from trainer.config import PREFERENCE_ACCURACY, REWARD_MARGIN, TrainerConfig
 from trainer.publish import gate_passes, round_index
+from trainer.recipe import training_losses
 from trainer.rounds import TriggerPolicy
 from trainer.source import Batch, on_demand
 
@@ -19,6 +22,18 @@ def test_defaults_are_the_papers() -> None:
     assert cfg.rpo_alpha > 0 and cfg.continue_from == "latest"
     assert TrainerConfig(device="cpu").use_bf16() is False
     assert TrainerConfig(device="cpu", bf16="true").use_bf16() is True
+    assert training_losses(cfg) == (["sigmoid", "sft"], [1.0, cfg.rpo_alpha])  # DPO + NLL on the chosen
+
+
+def test_objectives_map_to_trls_losses() -> None:
+    anchored = TrainerConfig(dpo_loss="apo_zero", rpo_alpha=0.5)
+    assert training_losses(anchored) == (["apo_zero", "sft"], [1.0, 0.5])
+    assert training_losses(TrainerConfig(dpo_loss="ipo", rpo_alpha=0)) == (["ipo"], [1.0])
+    assert training_losses(TrainerConfig(objective="sft-chosen", dpo_loss="ipo")) == (["sft"], [1.0])
+    with pytest.raises(ValueError, match="dpo_loss"):
+        TrainerConfig(dpo_loss="kto")
+    with pytest.raises(ValueError, match="objective"):
+        TrainerConfig(objective="ppo")
 
 
 def _history(stable_metrics: dict[str, float] | None) -> AdapterHistory:
