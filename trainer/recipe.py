@@ -4,11 +4,13 @@ top to bottom.
 1. load the base policy through the production loader (`services.modelzoo.loading.load_policy`);
 2. attach the adapter to continue from (trainable), or let TRL add a fresh LoRA (`peft_config`);
    render every row with the policy's own chat template, each answer closed by the EOS that serving
-   stops on (`closed_answers`);
-3. train with TRL's `DPOTrainer` (sigmoid DPO + NLL on the chosen answer, weighted `rpo_alpha`; or
-   the NLL alone for the `sft-chosen` control);
+   stops on (`closed_answers`), each sequence starting with the BOS serving sends
+   (`ServingPrefixCollator`);
+3. train with TRL's `DPOTrainer` (sigmoid DPO, or another `dpo_loss`, + NLL on the chosen answer,
+   weighted `rpo_alpha`; or the NLL alone for the `sft-chosen` control);
    the reference model is the base with the adapter disabled, as TRL does for PEFT models;
-4. evaluate on the held-out pairs: preference accuracy and reward margin (TRL's own metrics);
+4. evaluate on the held-out pairs: preference accuracy, reward margin and the chosen and rejected
+   rewards (TRL's own metrics);
 5. save the standard PEFT folder (adapter_config.json + adapter_model.safetensors).
 """
 
@@ -125,6 +127,10 @@ def serving_prefix_ids(tokenizer: Any) -> list[int]:
     return served[:cut] if cut > 0 and served[cut:] == plain else []
 
 
+#: The per-token tensors of TRL's collated batch (ids and mask first).
+_PER_TOKEN = ("input_ids", "attention_mask", "completion_mask", "token_type_ids", "mm_token_type_ids")
+
+
 @dataclass
 class ServingPrefixCollator(DataCollatorForVisionPreference):
     """TRL's vision preference collator, each sequence starting with the tokens serving starts it with.
@@ -148,9 +154,13 @@ class ServingPrefixCollator(DataCollatorForVisionPreference):
         prefix = torch.tensor(self.prefix_ids, dtype=ids.dtype).expand(len(ids), -1)
         batch["input_ids"] = torch.cat((prefix, ids), dim=1)
         batch["attention_mask"] = torch.cat((torch.ones_like(prefix), batch["attention_mask"]), dim=1)
-        for key in ("completion_mask", "token_type_ids", "mm_token_type_ids"):
+        for key in _PER_TOKEN[2:]:
             if key in batch:
                 batch[key] = torch.cat((torch.zeros_like(prefix), batch[key]), dim=1)
+        if self.max_length is not None:  # TRL cut the rows before the prefix was added
+            for key in _PER_TOKEN:
+                if key in batch:
+                    batch[key] = batch[key][:, : self.max_length]
         return batch
 
 
@@ -197,6 +207,10 @@ def make_trainer(
     """TRL's DPOTrainer; a fresh LoRA is added by TRL unless the model already carries an adapter."""
     args = dpo_config(cfg, output_dir)
     tokenizer: Any = getattr(processor, "tokenizer", processor)
+    if tokenizer.pad_token is None:  # what TRL does when it builds its own collator
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     collator = ServingPrefixCollator(processor, args.max_length, prefix_ids=serving_prefix_ids(tokenizer))
     return DPOTrainer(
         model=model,

@@ -24,7 +24,13 @@ from trainer.dataset import (
     policy_frame,
     split_heldout,
 )
-from trainer.recipe import closed_answers, make_trainer, train_round
+from trainer.recipe import (
+    ServingPrefixCollator,
+    closed_answers,
+    make_trainer,
+    serving_prefix_ids,
+    train_round,
+)
 
 FAMILY = get_family("qwen2.5-vl")
 
@@ -182,3 +188,9 @@ def test_every_trained_prompt_is_the_token_sequence_serving_sends(tmp_path: Path
     for index, (ids, mask, completion) in enumerate(rows):
         prompt = ids[mask.bool() & ~completion.bool()].tolist()
         assert prompt == served[index % len(pairs)], processor.tokenizer.convert_ids_to_tokens(prompt[:4])
+    # max_length still bounds the rows with the prefix in front
+    prefix = serving_prefix_ids(processor.tokenizer)
+    collate = ServingPrefixCollator(processor, max_length=len(served[0]) + 2, prefix_ids=prefix)
+    short = collate([trainer.train_dataset[i] for i in range(len(pairs))])
+    assert short["input_ids"].shape[1] == short["completion_mask"].shape[1] == len(served[0]) + 2
+    assert short["input_ids"][0, : len(served[0])].tolist() == served[0]
