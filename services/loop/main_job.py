@@ -118,6 +118,7 @@ class MainJobConfig:
     bootstrap_vision_steps: int = -1  # the vision tower's pretraining steps (-1 = the recipe's, 0 = none)
     bootstrap_box_slack: float = -1.0  # how loose the SFT answers' boxes are (-1 = the recipe's, 0 = exact)
     bootstrap_coordinate_sigma: float = -1.0  # SFT soft labels' width in bins (-1 = the recipe's, 0 = hard)
+    bootstrap_batch_size: int = 0  # SFT examples per step (0 = the recipe's)
     bootstrap_rec_names_object: bool | None = None  # REC answers name the target first (None = the recipe's)
     # Who grounds the described phrases for S_loc: "world", the OWLv2 grounder trained on the world with
     # the bootstrap (`services.bootstrap.grounder`), as SPR uses a detector that localizes better than the
@@ -162,6 +163,8 @@ def recipe_of(cfg: MainJobConfig) -> PolicyRecipe:
         recipe = replace(recipe, vision_pretrain_steps=cfg.bootstrap_vision_steps)
     if cfg.bootstrap_box_slack >= 0:
         recipe = replace(recipe, box_label_slack=cfg.bootstrap_box_slack)
+    if cfg.bootstrap_batch_size:
+        recipe = replace(recipe, batch_size=cfg.bootstrap_batch_size)
     if cfg.bootstrap_coordinate_sigma >= 0:
         recipe = replace(recipe, coordinate_sigma_bins=cfg.bootstrap_coordinate_sigma)
     if cfg.bootstrap_rec_names_object is not None:
@@ -543,6 +546,9 @@ def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
     parser.add_argument("--bootstrap-steps", type=int, default=0, help="SFT steps (0 = the recipe's)")
     parser.add_argument("--bootstrap-images", type=int, default=0, help="world size (0 = the recipe's)")
     parser.add_argument(
+        "--bootstrap-batch-size", type=int, default=0, help="SFT examples per step (0 = the recipe's)"
+    )
+    parser.add_argument(
         "--bootstrap-vision-steps",
         type=int,
         default=-1,
@@ -602,6 +608,7 @@ def parse_args(argv: Sequence[str] | None) -> MainJobConfig:
         bootstrap_vision_steps=args.bootstrap_vision_steps,
         bootstrap_box_slack=args.bootstrap_box_slack,
         bootstrap_coordinate_sigma=args.bootstrap_coordinate_sigma,
+        bootstrap_batch_size=args.bootstrap_batch_size,
         bootstrap_rec_names_object=args.bootstrap_rec_answer_names_object,
         grounder=args.grounder,
         grounder_steps=args.grounder_steps,

@@ -31,8 +31,9 @@ def test_prompt_modes_reach_the_describer_and_unknown_ones_are_refused(
 def test_bootstrap_knobs_reach_the_recipe_and_defaults_keep_it() -> None:
     assert recipe_of(parse_args([])) == PolicyRecipe()
     args = ["--bootstrap-steps", "1000", "--bootstrap-coordinate-sigma", "15", "--bootstrap-box-slack", "0"]
-    recipe = recipe_of(parse_args(args))
+    recipe = recipe_of(parse_args([*args, "--bootstrap-batch-size", "16"]))
     assert (recipe.steps, recipe.coordinate_sigma_bins, recipe.box_label_slack) == (1000, 15.0, 0.0)
+    assert recipe.batch_size == 16
     assert recipe.fingerprint() != PolicyRecipe().fingerprint()  # another cache folder
     assert recipe_of(parse_args(["--bootstrap-coordinate-sigma", "0"])).coordinate_sigma_bins == 0.0
 
