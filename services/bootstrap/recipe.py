@@ -111,8 +111,8 @@ class PolicyRecipe:
     # Batches of 16 (2026-11-29): 2250 steps see the same 36k examples as 750 of 48 in ~8 minutes
     # (~0.21 s a step, 479 s against ~430) and fit them better (final loss 1.511 against 1.566): base
     # 8.3 / 4.1 / 1.3 % Acc@0.5 / 0.6 / 0.7 (5.7 / 2.2 / 0.6 for 750 of 48 on the same machine), and the
-    # loop's rounds from it stopped losing REC: +0.4 and +0.4 in round 1, -0.4 and -0.3 in round 2, of
-    # two runs, where every run from 750 of 48 lost 0.6-3.7 in round 1 (README, #7).
+    # loop's first round from it stopped losing REC: +0.4, +0.4, +0.1 in three runs (round 2: -0.4, -0.3,
+    # -0.9), where every run from 750 of 48 lost 0.6-3.7 in round 1 (README, #7).
     steps: int = 2250
     batch_size: int = 16
     learning_rate: float = 1e-3
