@@ -19,6 +19,7 @@ PREFERENCE_ACCURACY = "eval_preference_accuracy"
 REWARD_MARGIN = "eval_reward_margin"
 #: Held-out chosen answers' implicit reward, beta * (log pi - log pi_ref): below 0 they became less likely.
 REWARD_CHOSEN = "eval_reward_chosen"
+REWARD_REJECTED = "eval_reward_rejected"
 #: Mean REC accuracy (points, 0-100) over IoU thresholds 0.5..0.9 on the REC gate's set (`trainer.rec_gate`).
 REC_ACCURACY = "rec_accuracy"
 

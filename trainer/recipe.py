@@ -30,7 +30,13 @@ from trl.trainer.dpo_config import DPOConfig
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference, DPOTrainer
 
 from services.modelzoo.loading import load_policy
-from trainer.config import PREFERENCE_ACCURACY, REWARD_CHOSEN, REWARD_MARGIN, TrainerConfig
+from trainer.config import (
+    PREFERENCE_ACCURACY,
+    REWARD_CHOSEN,
+    REWARD_MARGIN,
+    REWARD_REJECTED,
+    TrainerConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +133,9 @@ def serving_prefix_ids(tokenizer: Any) -> list[int]:
     return served[:cut] if cut > 0 and served[cut:] == plain else []
 
 
-#: The per-token tensors of TRL's collated batch (ids and mask first).
-_PER_TOKEN = ("input_ids", "attention_mask", "completion_mask", "token_type_ids", "mm_token_type_ids")
+#: Per-token tensors of TRL's collated batch that a prompt prefix extends with zeros, and all of them.
+_ZERO_FOR_PREFIX = ("completion_mask", "token_type_ids", "mm_token_type_ids")
+_PER_TOKEN = ("input_ids", "attention_mask", *_ZERO_FOR_PREFIX)
 
 
 @dataclass
@@ -154,7 +161,7 @@ class ServingPrefixCollator(DataCollatorForVisionPreference):
         prefix = torch.tensor(self.prefix_ids, dtype=ids.dtype).expand(len(ids), -1)
         batch["input_ids"] = torch.cat((prefix, ids), dim=1)
         batch["attention_mask"] = torch.cat((torch.ones_like(prefix), batch["attention_mask"]), dim=1)
-        for key in _PER_TOKEN[2:]:
+        for key in _ZERO_FOR_PREFIX:
             if key in batch:
                 batch[key] = torch.cat((torch.zeros_like(prefix), batch[key]), dim=1)
         if self.max_length is not None:  # TRL cut the rows before the prefix was added
@@ -242,7 +249,7 @@ def heldout_metrics(trainer: DPOTrainer, processor: ProcessorMixin, heldout: Dat
         PREFERENCE_ACCURACY: float(evaluated["eval_rewards/accuracies"]),
         REWARD_MARGIN: float(evaluated["eval_rewards/margins"]),
         REWARD_CHOSEN: float(evaluated["eval_rewards/chosen"]),
-        "eval_reward_rejected": float(evaluated["eval_rewards/rejected"]),
+        REWARD_REJECTED: float(evaluated["eval_rewards/rejected"]),
         "eval_loss": float(evaluated["eval_loss"]),
     }
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
